@@ -1,0 +1,1 @@
+"""Hydra config tree of fed-ndif (installed as the package ``fed_ndif.configs``)."""

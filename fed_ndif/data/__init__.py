@@ -1,0 +1,1 @@
+"""PET data: volumes, synthetic sites, file formats, manifests. No training code, no Flower."""
