@@ -13,7 +13,7 @@ CONFIG_MODULE = "fed_ndif.configs"
 
 
 def load_config(name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Compose ``configs/<name>.yaml`` with ``key=value`` overrides; bad overrides are user errors."""
+    """Compose ``configs/<name>.yaml`` with ``key=value`` overrides (bad ones are user errors)."""
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
             cfg = compose(config_name=name, overrides=list(overrides))

@@ -205,8 +205,8 @@ def make_phantom(grid: Grid, rng: np.random.Generator) -> Phantom:
                             (jitter(0.045 * length), jitter(32.0), jitter(26.0)))
         painter.paint(kidney, organ=Organ.KIDNEY, suv=kidney_suv, mu=MU_SOFT_TISSUE, within=body)
     bladder = _Ellipsoid(at(0.0, -0.15, 0.07), (jitter(0.035 * length), jitter(35.0), jitter(42.0)))
-    painter.paint(bladder, organ=Organ.BLADDER, suv=float(np.exp(rng.uniform(np.log(10), np.log(40)))),
-                  mu=MU_SOFT_TISSUE, within=body)
+    bladder_suv = float(np.exp(rng.uniform(np.log(10), np.log(40))))
+    painter.paint(bladder, organ=Organ.BLADDER, suv=bladder_suv, mu=MU_SOFT_TISSUE, within=body)
     # Spine and aorta as stacks of small discs; pelvic bones as ellipsoids.
     spine_suv, aorta_suv = _uniform(rng, 1.1, 1.8), _uniform(rng, 1.4, 2.0)
     for k in np.flatnonzero((u >= 0.1) & (u <= 0.78)):
@@ -240,12 +240,19 @@ def make_phantom(grid: Grid, rng: np.random.Generator) -> Phantom:
         if not inside.any():  # smaller than a voxel: take the voxel holding its centre
             k, j, i = (int(np.argmin(np.abs(c - v))) for c, v in
                        zip((grid.z, grid.y, grid.x), lesion.center_mm, strict=True))
-            box, inside = (slice(k, k + 1), slice(j, j + 1), slice(i, i + 1)), np.ones((1, 1, 1), bool)
+            box = (slice(k, k + 1), slice(j, j + 1), slice(i, i + 1))
+            inside = np.ones((1, 1, 1), bool)
         region = painter.activity[box]
         background = float(np.median(region[inside]))
         region[inside] = background * lesion.contrast
         lesion_mask[box][inside] = index
-    kept = [info for index, info in enumerate(lesions_info, start=1) if (lesion_mask == index).any()]
+    # A lesion painted over entirely by a later one is dropped; labels are renumbered 1..N so
+    # that label i is always lesions_info[i - 1].
+    present = [i for i in range(1, len(lesions_info) + 1) if (lesion_mask == i).any()]
+    relabel = np.zeros(len(lesions_info) + 1, np.uint16)
+    relabel[present] = np.arange(1, len(present) + 1)
+    lesion_mask = relabel[lesion_mask]
+    kept = [lesions_info[i - 1] for i in present]
     return Phantom(activity=np.clip(painter.activity, 0, None), mu=painter.mu,
                    organs=painter.organs, lesions=lesion_mask, lesions_info=kept)
 

@@ -67,8 +67,8 @@ def axial_affine(
     z_origin_mm: float = 0.0,
 ) -> np.ndarray:
     """Affine of a standard axial PET grid centred in-plane on the scanner axis (LPS x, y = 0)."""
-    nz, ny, nx = shape_zyx
-    dz, dy, dx = spacing_zyx
+    _, ny, nx = shape_zyx
+    _, dy, dx = spacing_zyx
     origin = np.array([-(nx - 1) / 2 * dx, -(ny - 1) / 2 * dy, z_origin_mm])
     return affine_from_lps(
         origin_lps=origin, row_dir=np.array([1.0, 0, 0]), col_dir=np.array([0, 1.0, 0]),

@@ -1,0 +1,194 @@
+"""Simulated hospital sites: subjects, scans at several count levels, masks and a manifest.
+
+The manifest (``<site>/manifest.csv``) is also the format a hospital fills in for its own data:
+one row per low-count study with columns :data:`MANIFEST_COLUMNS`, paths relative to the manifest,
+``count_level`` as a fraction of full count, ``split`` train/val/test by subject.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+import tempfile
+import zlib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from fed_ndif.config import load_config
+from fed_ndif.data.nifti import save_nifti
+from fed_ndif.data.phantom import MIN_FOV_MM, Grid, Organ, make_phantom
+from fed_ndif.data.scanner import ScannerProfile, simulate_scans
+from fed_ndif.data.volume import axial_affine
+from fed_ndif.errors import FedNdifError
+
+log = logging.getLogger(__name__)
+
+MANIFEST_COLUMNS = ("subject", "count_level", "low_count", "full_count", "liver_mask",
+                    "lesion_mask", "split")
+MIN_MATRIX = 16
+MIN_SLICES = 8
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    name: str
+    scanner: ScannerProfile
+    subjects: int
+    count_levels: tuple[float, ...]
+
+
+def count_level_tag(level: float) -> str:
+    """File-name tag of a count level: 0.05 -> '5pct', 0.005 -> '0.5pct'."""
+    return f"{level * 100:g}pct"
+
+
+def parse_sites(cfg: DictConfig) -> list[SiteSpec]:
+    """Validate the ``sites`` config before anything is simulated or written."""
+    if not cfg.get("sites"):
+        raise FedNdifError("configuration error: no sites are configured")
+    known = {f.name for f in fields(ScannerProfile)}
+    specs = []
+    for name, site in cfg.sites.items():
+        where = f"sites.{name}"
+        scanner_cfg = OmegaConf.to_container(site.get("scanner") or {}, resolve=True)
+        unknown = set(scanner_cfg) - known
+        missing = known - set(scanner_cfg)
+        if unknown or missing:
+            raise FedNdifError(f"configuration error: {where}.scanner has unknown keys "
+                               f"{sorted(unknown)} or lacks {sorted(missing)}")
+        for key, value in scanner_cfg.items():
+            if key != "name" and (not isinstance(value, int | float) or value < 0 or (
+                    value == 0 and key not in {"postfilter_fwhm_mm", "background_fraction"})):
+                raise FedNdifError(f"configuration error: {where}.scanner.{key} must be a "
+                                   f"positive number, got {value!r}")
+        scanner = ScannerProfile(**scanner_cfg)
+        if scanner.matrix < MIN_MATRIX or scanner.slices < MIN_SLICES:
+            raise FedNdifError(f"configuration error: {where}.scanner matrix {scanner.matrix} x "
+                               f"{scanner.slices} slices is too small (at least {MIN_MATRIX} and "
+                               f"{MIN_SLICES})")
+        fov = scanner.matrix * scanner.pixel_mm
+        if fov < MIN_FOV_MM:
+            raise FedNdifError(f"configuration error: {where}.scanner field of view "
+                               f"{scanner.matrix} x {scanner.pixel_mm} mm = {fov:g} mm is too "
+                               f"small for the anatomy (needs at least {MIN_FOV_MM:g} mm)")
+        levels = tuple(float(c) for c in site.get("count_levels") or ())
+        if not levels or any(not 0.0 < c < 1.0 for c in levels):
+            raise FedNdifError(f"configuration error: {where}.count_levels must be fractions "
+                               f"in (0, 1), got {list(levels)}")
+        subjects = site.get("subjects")
+        if not isinstance(subjects, int) or subjects < 1:
+            raise FedNdifError(f"configuration error: {where}.subjects must be a positive "
+                               f"integer, got {subjects!r}")
+        specs.append(SiteSpec(name=str(name), scanner=scanner, subjects=subjects,
+                              count_levels=tuple(sorted(set(levels), reverse=True))))
+    return specs
+
+
+def assign_splits(n_subjects: int, *, val_fraction: float, test_fraction: float) -> list[str]:
+    """Split by subject: test and val get at least one subject each when there are three or more."""
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise FedNdifError("configuration error: split fractions must be in [0, 1) and sum below 1")
+    n_test = max(1, round(test_fraction * n_subjects)) if n_subjects >= 2 and test_fraction else 0
+    n_val = max(1, round(val_fraction * n_subjects)) if n_subjects >= 3 and val_fraction else 0
+    n_train = n_subjects - n_val - n_test
+    return ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
+
+
+def _subject_rng(seed: int, site: str, index: int) -> np.random.Generator:
+    # crc32, not hash(): the same seed must give the same files in every Python process.
+    return np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(site.encode()), index]))
+
+
+def simulate_subject(site: SiteSpec, index: int, seed: int) -> dict[str, np.ndarray | list]:
+    """Phantom and scans of one subject (deterministic for seed, site and index)."""
+    rng = _subject_rng(seed, site.name, index)
+    phantom = make_phantom(Grid(site.scanner.shape, site.scanner.spacing), rng)
+    scans = simulate_scans(phantom.activity, phantom.mu, site.scanner, list(site.count_levels), rng)
+    return {"phantom": phantom, "scans": scans}
+
+
+def _write_subject(site: SiteSpec, index: int, split: str, seed: int,
+                   site_dir: Path) -> list[dict[str, str]]:
+    subject = f"sub-{index + 1:03d}"
+    result = simulate_subject(site, index, seed)
+    phantom, scans = result["phantom"], result["scans"]
+    affine = axial_affine(shape_zyx=site.scanner.shape, spacing_zyx=site.scanner.spacing)
+    subject_dir = site_dir / subject
+    subject_dir.mkdir()
+    save_nifti(scans[1.0], subject_dir / "full_count.nii.gz", affine=affine)
+    save_nifti(phantom.organs == Organ.LIVER, subject_dir / "liver_mask.nii.gz", affine=affine,
+               dtype=np.uint8)
+    save_nifti(phantom.lesions, subject_dir / "lesion_mask.nii.gz", affine=affine, dtype=np.uint16)
+    save_nifti(phantom.organs, subject_dir / "organs.nii.gz", affine=affine, dtype=np.uint8)
+    save_nifti(phantom.activity, subject_dir / "activity_truth.nii.gz", affine=affine)
+    lesions = [{"label": i, **asdict(info), "site": info.site.name.lower()}
+               for i, info in enumerate(phantom.lesions_info, start=1)]
+    (subject_dir / "lesions.json").write_text(json.dumps(lesions, indent=1))
+    rows = []
+    for level in site.count_levels:
+        name = f"low_count_{count_level_tag(level)}.nii.gz"
+        save_nifti(scans[level], subject_dir / name, affine=affine)
+        rows.append({"subject": subject, "count_level": f"{level:g}",
+                     "low_count": f"{subject}/{name}", "full_count": f"{subject}/full_count.nii.gz",
+                     "liver_mask": f"{subject}/liver_mask.nii.gz",
+                     "lesion_mask": f"{subject}/lesion_mask.nii.gz", "split": split})
+    return rows
+
+
+def write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def make_sites(out: Path, *, overrides: list[str] | tuple[str, ...] = (), overwrite: bool = False,
+               montage: Path | None = None) -> list[Path]:
+    """Write every configured site under ``out`` atomically; return the manifest paths."""
+    cfg = load_config("make_sites", overrides)
+    specs = parse_sites(cfg)
+    splits = {s.name: assign_splits(s.subjects, val_fraction=cfg.split.val_fraction,
+                                    test_fraction=cfg.split.test_fraction) for s in specs}
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FedNdifError(f"{out} already exists; choose a new folder or pass --overwrite")
+    if montage is not None and montage.suffix.lower() != ".png":
+        raise FedNdifError(f"--montage {montage}: the picture must be a .png file")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (staging / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        jobs = [(s, i) for s in specs for i in range(s.subjects)]
+        manifests = {s.name: [] for s in specs}
+        for spec in specs:
+            (staging / spec.name).mkdir()
+            (staging / spec.name / "scanner.json").write_text(
+                json.dumps(asdict(spec.scanner), indent=1))
+        for spec, index in tqdm(jobs, desc="simulating subjects", unit="subject"):
+            manifests[spec.name] += _write_subject(
+                spec, index, splits[spec.name][index], int(cfg.seed), staging / spec.name)
+        for name, rows in manifests.items():
+            write_manifest(staging / name / "manifest.csv", rows)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(trash / out.name)
+            staging.rename(out)
+            shutil.rmtree(trash)
+        else:
+            staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if montage is not None:
+        from fed_ndif.data.montage import write_site_montage
+
+        write_site_montage(out, [s.name for s in specs], montage)
+        log.info("wrote the site montage to %s", montage)
+    log.info("wrote %d sites (%d subjects) to %s", len(specs), len(jobs), out)
+    return [out / s.name / "manifest.csv" for s in specs]
