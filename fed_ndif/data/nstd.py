@@ -5,12 +5,26 @@ One function for training, evaluation and inference, so the embedding sees the s
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 
+from fed_ndif.data.volume import Volume
 from fed_ndif.errors import FedNdifError
 
+log = logging.getLogger(__name__)
+
 MIN_LIVER_VOXELS = 20
+# Automatic liver VOI (SUV body weight; see find_liver_voi).
+LIVER_SUV_RANGE = (1.2, 4.0)
+BODY_SUV = 0.2
+SMOOTH_MM = 4.0
+MAX_LOCAL_CV = 0.25
+SIMILAR_UPTAKE = 0.3
+VOI_MIN_RADIUS_MM = 15.0  # 3 cm diameter, the PERCIST liver VOI
+VOI_MAX_RADIUS_MM = 60.0
 
 
 def liver_nstd(volume: np.ndarray, liver_mask: np.ndarray, *, erode: int = 1) -> float:
@@ -37,3 +51,144 @@ def liver_nstd(volume: np.ndarray, liver_mask: np.ndarray, *, erode: int = 1) ->
         raise FedNdifError("mean uptake inside the liver mask is not positive; is the mask "
                            "on the liver?")
     return float(values.std() / mean)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    return labels == (int(np.argmax(sizes)) + 1)
+
+
+def _fill_axial(mask: np.ndarray) -> np.ndarray:
+    """Fill holes slice by slice (canonical array: axis 2 is superior)."""
+    filled = np.empty_like(mask)
+    for k in range(mask.shape[2]):
+        filled[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
+    return filled
+
+
+def _right_lung(smooth: np.ndarray, body: np.ndarray, spacing: np.ndarray,
+                body_center_x: float) -> np.ndarray | None:
+    """The right lung as the largest low-uptake region inside the body, right of its centre.
+
+    Canonical array: x index increases to the patient's right. None when nothing lung-like.
+    """
+    tissue = float(np.median(smooth[body]))
+    # Keep away from the body surface, where partial volume also gives low values.
+    radius = np.maximum(np.round(15.0 / spacing[:2]).astype(int), 1)
+    structure = np.zeros((2 * radius[0] + 1, 2 * radius[1] + 1, 1), bool)
+    yy, xx = np.meshgrid(np.arange(-radius[0], radius[0] + 1),
+                         np.arange(-radius[1], radius[1] + 1), indexing="ij")
+    structure[:, :, 0] = (yy / radius[0]) ** 2 + (xx / radius[1]) ** 2 <= 1.0
+    inner = ndimage.binary_erosion(body, structure)
+    low = inner & (smooth < 0.65 * tissue)
+    labels, count = ndimage.label(low)
+    if count == 0:
+        return None
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    best, best_size = None, 0.0
+    for index, region in enumerate(ndimage.find_objects(labels), start=1):
+        component = labels[region] == index
+        size = component.sum() * voxel_ml
+        if size < 30.0:
+            continue
+        centroid_x = region[0].start + np.mean(np.nonzero(component)[0])
+        if centroid_x > body_center_x and size > best_size:
+            best, best_size = (region, component), size
+    if best is None:
+        return None
+    mask = np.zeros_like(low)
+    mask[best[0]] = best[1]
+    return mask
+
+
+def _ball(radius_mm: float, spacing: np.ndarray) -> np.ndarray:
+    radius = np.maximum(np.round(radius_mm / spacing).astype(int), 1)
+    grids = np.meshgrid(*(np.arange(-r, r + 1) for r in radius), indexing="ij")
+    return sum((g / r) ** 2 for g, r in zip(grids, radius, strict=True)) <= 1.0
+
+
+def find_liver_voi(volume: Volume) -> np.ndarray:
+    """An automatic liver VOI (boolean, ``(z, y, x)``) for volumes without a liver mask.
+
+    The liver is the large, homogeneous, moderate-uptake organ below the right lung: the body is
+    thresholded, the right lung found as a low-uptake region inside it (patient right comes from
+    the affine), and below the lung base the largest region with SUV 1.2–4 and low local
+    variation is the liver core (eroded first, so bridges to the heart or a kidney break). The
+    liver is then the voxels near that core with uptake within 25 % of its median, and the VOI a
+    sphere (3 cm to 12 cm across) around its deepest point, clipped to the liver minus its edge
+    voxels, so partial volume, lesions and neighbouring organs stay out.
+    """
+    affine = volume.affine
+    ornt = io_orientation(affine)
+    canon = apply_orientation(volume.array.transpose(2, 1, 0), ornt).astype(np.float32)
+    back = ornt_transform(axcodes2ornt(("R", "A", "S")), ornt)
+    spacing = np.array(volume.spacing[::-1])[ornt[:, 0].argsort()]  # canonical (x, y, z) mm
+    smooth = ndimage.gaussian_filter(canon, SMOOTH_MM / spacing)
+
+    body = _largest_component(smooth > BODY_SUV)
+    if body.sum() * np.prod(spacing) < 1e6:  # less than a litre of tissue
+        raise FedNdifError("automatic liver VOI: no body found (is the volume in SUV?); "
+                           "pass a liver mask")
+    body = _fill_axial(body)
+    body_center_x = float(np.nonzero(body)[0].mean())
+    lung = _right_lung(smooth, body, spacing, body_center_x)
+
+    # Where to look: the right side of the body (the liver crosses the midline a little) ...
+    region = body.copy()
+    region[: max(0, int(body_center_x - 20.0 / spacing[0]))] = False
+    if lung is not None:
+        # ... below the base of the right lung (where its cross-section becomes small).
+        area = lung.sum(axis=(0, 1))
+        base = int(np.flatnonzero(area >= 0.1 * area.max())[0])
+        region[:, :, base + 1:] = False
+        region[:, :, : max(0, int(base - 250.0 / spacing[2]))] = False
+        where = "below the right lung"
+    else:
+        where = "in the right half of the body (no lung found)"
+
+    window = np.maximum(np.round(15.0 / spacing).astype(int), 3)
+    mean = ndimage.uniform_filter(smooth, window)
+    var = ndimage.uniform_filter(smooth * smooth, window) - mean * mean
+    cv = np.sqrt(np.clip(var, 0, None)) / np.maximum(mean, 1e-6)
+    low, high = LIVER_SUV_RANGE
+    candidate = region & (smooth >= low) & (smooth <= high) & (cv <= MAX_LOCAL_CV)
+    erosion = _ball(8.0, spacing)
+    core = _largest_component(ndimage.binary_erosion(candidate, erosion))
+    if not core.any():
+        raise FedNdifError(f"automatic liver VOI: no large region with SUV {low}-{high} {where}; "
+                           "pass a liver mask")
+    # The liver: near the core, with uptake like the core's, judged on a broadly smoothed image
+    # so that noise tails are not cut from the statistic (lesions and other organs still are).
+    broad = ndimage.gaussian_filter(canon, 2 * SMOOTH_MM / spacing)
+    level = float(np.median(broad[core]))
+    similar = (region & (np.abs(broad - level) <= SIMILAR_UPTAKE * level)
+               & (smooth >= 0.6 * level) & (smooth <= 1.6 * level))
+    near = ndimage.binary_dilation(core, _ball(12.0, spacing))
+    liver = _largest_component(similar & near)
+    depth = ndimage.distance_transform_edt(liver, sampling=spacing)
+    center = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    if depth[center] < 0.5 * VOI_MIN_RADIUS_MM:
+        raise FedNdifError("automatic liver VOI: the liver-like region is too thin for a 3 cm "
+                           "VOI; pass a liver mask")
+    grids = np.meshgrid(*(np.arange(n) for n in canon.shape), indexing="ij")
+    dist2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, center, spacing, strict=True))
+    voi = (dist2 <= VOI_MAX_RADIUS_MM**2) & liver & (depth > spacing.min())
+    if voi.sum() < MIN_LIVER_VOXELS:
+        raise FedNdifError(f"automatic liver VOI holds only {int(voi.sum())} voxels; pass a liver "
+                           "mask")
+    log.debug("automatic liver VOI: %d voxels, %s", int(voi.sum()), where)
+    return np.ascontiguousarray(apply_orientation(voi, back).transpose(2, 1, 0).astype(bool))
+
+
+def measure_liver_nstd(volume: Volume, liver_mask: np.ndarray | None = None) -> tuple[float, str]:
+    """Liver NSTD of ``volume`` and how the liver was found (mask or automatic VOI)."""
+    if liver_mask is not None:
+        return liver_nstd(volume.array, liver_mask), "liver mask"
+    voi = find_liver_voi(volume)
+    nstd = liver_nstd(volume.array, voi, erode=0)
+    k, j, i = (float(np.mean(axis)) for axis in np.nonzero(voi))
+    x, y, z = (volume.affine @ np.array([i, j, k, 1.0]))[:3]
+    return nstd, f"automatic liver VOI at ({x:.0f}, {y:.0f}, {z:.0f}) mm (RAS)"
