@@ -52,6 +52,27 @@ def _train_local(args: argparse.Namespace) -> None:
              Path(args.out_dir) / "last.pt")
 
 
+def _denoise(args: argparse.Namespace) -> None:
+    from fed_ndif.inference import denoise_study
+
+    result = denoise_study(
+        Path(args.input), Path(args.output), checkpoint=Path(args.checkpoint), steps=args.steps,
+        samples=args.samples, uncertainty=args.uncertainty, output_format=args.format,
+        liver_mask=Path(args.liver_mask) if args.liver_mask else None, device=args.device,
+        precision=args.precision, overwrite=args.overwrite, weight_kg=args.weight,
+        dose_bq=args.dose * 1e6 if args.dose is not None else None, series_uid=args.series_uid,
+        seed=args.seed, batch_size=args.batch_size, progress=True,
+    )
+    log.info("%s", result.summary())
+
+
+def _simulate(args: argparse.Namespace) -> None:
+    from fed_ndif.simulate import simulate
+
+    out = simulate(args.overrides)
+    log.info("run folder: %s", out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fed-ndif",
@@ -99,6 +120,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="hydra config overrides")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
     p.set_defaults(func=_train_local)
+
+    p = sub.add_parser(
+        "denoise", help="denoise a low-count PET study with a trained checkpoint",
+        description="Denoise the PET study INPUT (a DICOM folder, searched recursively as "
+                    "'convert' does, or an SUV NIfTI volume) with a trained fed-ndif checkpoint. "
+                    "DICOM output: OUTPUT is a folder holding the derived series denoised/ (same "
+                    "study, new series) and, with --uncertainty, uncertainty/; --format both adds "
+                    "denoised.nii.gz (and uncertainty.nii.gz) to it. NIfTI output: OUTPUT is a "
+                    ".nii.gz file (the map goes to OUTPUT_uncertainty.nii.gz). Everything is "
+                    "checked before sampling starts, and nothing is left behind on failure. "
+                    "See docs/denoise.md.",
+    )
+    p.add_argument("input", metavar="INPUT", help="DICOM folder or .nii/.nii.gz volume in SUV")
+    p.add_argument("output", metavar="OUTPUT", help="output folder (dicom, both) or .nii.gz file "
+                   "(nifti); must not exist unless --overwrite, nor lie inside INPUT")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="trained checkpoint "
+                   "(.pt from train-local or the federation; read without executing code)")
+    p.add_argument("--steps", type=int, metavar="N", help="sampling steps (network evaluations "
+                   "per slice and sample); default: the checkpoint's sampler setting")
+    p.add_argument("--samples", type=int, metavar="K", help="samples averaged per slice; "
+                   "default: the checkpoint's sampler setting (1 on the shipped configs)")
+    p.add_argument("--uncertainty", action="store_true", help="also write the per-voxel std "
+                   "over the samples (SUV) as its own series/file; needs --samples 2 or more")
+    p.add_argument("--format", choices=("dicom", "nifti", "both"), help="output format; default: "
+                   "dicom for a DICOM input, nifti for a NIfTI input (which cannot give DICOM)")
+    p.add_argument("--liver-mask", metavar="NIFTI", help="liver mask on the input's voxel grid "
+                   "(non-zero inside) for the liver NSTD; default: an automatic liver VOI")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the "
+                   "model runs; auto = cuda when available (default: auto)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="network "
+                   "precision; bf16 is for GPUs, the sampler stays float32 (default: fp32)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="B", help="slices per network "
+                   "call; memory grows with it, not with the slice count (default: 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise; the same "
+                   "seed gives the same output on the same device (default: 0)")
+    p.add_argument("--series-uid", metavar="UID", help="SeriesInstanceUID of the PET series to "
+                   "denoise when the DICOM folder holds several")
+    p.add_argument("--weight", type=float, metavar="KG", help="patient weight in kg (DICOM input; "
+                   "replaces or supplies PatientWeight)")
+    p.add_argument("--dose", type=float, metavar="MBQ", help="injected dose in MBq at injection "
+                   "(DICOM input; replaces or supplies RadionuclideTotalDose)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT (only "
+                   "once the new output is complete)")
+    p.set_defaults(func=_denoise)
+
+    p = sub.add_parser(
+        "simulate", help="simulated multi-site federated run on this machine",
+        description="Make synthetic sites (if missing) and run the Fed-NDIF federation over them "
+                    "with Flower's simulation engine, one virtual node per site. Settings are "
+                    "hydra overrides of configs/simulate.yaml, e.g. experiment=tiny "
+                    "out_dir=runs/tiny fl.rounds=5.",
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="hydra config overrides")
+    p.set_defaults(func=_simulate)
     return parser
 
 

@@ -864,6 +864,7 @@ def write_pet_series(
     volume: Volume, out_dir: str | Path, *, template: PetSeriesInfo | None,
     series_description: str, derivation_description: str, overwrite: bool = False,
     synthetic_patient: SyntheticPatient | None = None, series_number: int | None = None,
+    uid_entropy: list[str] | None = None, content_datetime: datetime | None = None,
 ) -> Path:
     """Write ``volume`` (SUV) as a derived PET series (Bq/ml, int16 per-slice slope) in ``out_dir``.
 
@@ -872,6 +873,11 @@ def write_pet_series(
     complete PET object is built from ``synthetic_patient``. Atomic: written to a hidden sibling
     folder and renamed; an existing ``out_dir`` is replaced only with ``overwrite`` and only after
     the new series is complete.
+
+    Reproducible files (simulated data): ``uid_entropy`` derives the SeriesInstanceUID and
+    SOPInstanceUIDs from the given strings (``generate_uid(entropy_srcs=...)``) instead of at
+    random, and ``content_datetime`` replaces "now" as ContentDate/Time and
+    InstanceCreationDate/Time.
     """
     out_dir = Path(out_dir)
     if (template is None) == (synthetic_patient is None):
@@ -905,10 +911,15 @@ def write_pet_series(
         sources = [None] * nz
         number = series_number if series_number is not None else 1
 
-    now = datetime.now()
+    def new_uid(*what: str) -> str:
+        if uid_entropy is None:
+            return generate_uid()
+        return generate_uid(entropy_srcs=[*map(str, uid_entropy), *what])
+
+    now = content_datetime or datetime.now()
     base.file_meta = FileMetaDataset()
     base.SOPClassUID = PET_IMAGE_STORAGE
-    base.SeriesInstanceUID = generate_uid()
+    base.SeriesInstanceUID = new_uid("series")
     base.SeriesNumber = number
     base.SeriesDescription = series_description[:64]
     base.DerivationDescription = derivation_description[:1024]
@@ -940,7 +951,7 @@ def write_pet_series(
             for keyword, value in per_slice[k].items():
                 setattr(ds, keyword, value)
             _complete_slice(ds, str(ds.get("DecayCorrection", "")).upper())
-            ds.SOPInstanceUID = generate_uid()
+            ds.SOPInstanceUID = new_uid("instance", str(k))
             ds.InstanceNumber = k + 1
             ds.ImageIndex = k + 1
             ds.ImagePositionPatient = [_ds(v) for v in positions[k]]

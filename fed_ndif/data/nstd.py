@@ -173,7 +173,8 @@ def find_liver_voi(volume: Volume) -> np.ndarray:
     if depth[center] < 0.5 * VOI_MIN_RADIUS_MM:
         raise FedNdifError("automatic liver VOI: the liver-like region is too thin for a 3 cm "
                            "VOI; pass a liver mask")
-    grids = np.meshgrid(*(np.arange(n) for n in canon.shape), indexing="ij")
+    # Sparse (broadcast) grids: full-size int64 grids cost 24 bytes per voxel.
+    grids = np.meshgrid(*(np.arange(n) for n in canon.shape), indexing="ij", sparse=True)
     dist2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, center, spacing, strict=True))
     voi = (dist2 <= VOI_MAX_RADIUS_MM**2) & liver & (depth > spacing.min())
     if voi.sum() < MIN_LIVER_VOXELS:

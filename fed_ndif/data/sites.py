@@ -14,17 +14,20 @@ import shutil
 import tempfile
 import zlib
 from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
+from pydicom.uid import generate_uid
 from tqdm import tqdm
 
 from fed_ndif.config import load_config
+from fed_ndif.data.dicom import SyntheticPatient, write_pet_series
 from fed_ndif.data.nifti import save_nifti
 from fed_ndif.data.phantom import MIN_FOV_MM, Grid, Organ, make_phantom
 from fed_ndif.data.scanner import ScannerProfile, simulate_scans
-from fed_ndif.data.volume import axial_affine
+from fed_ndif.data.volume import Volume, axial_affine
 from fed_ndif.errors import FedNdifError
 
 log = logging.getLogger(__name__)
@@ -32,7 +35,11 @@ log = logging.getLogger(__name__)
 MANIFEST_COLUMNS = ("subject", "count_level", "low_count", "full_count", "liver_mask",
                     "lesion_mask", "split")
 MIN_MATRIX = 16
+# The part of a composed config that defines the simulated sites (make_sites.yaml's keys).
+SITE_CONFIG_KEYS = ("sites", "seed", "split", "write_dicom")
 MIN_SLICES = 8
+# Fixed scan start of every simulated DICOM study (injection 60 min before), so files repeat.
+DICOM_SCAN_START = datetime(2024, 1, 15, 10, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -113,8 +120,48 @@ def simulate_subject(site: SiteSpec, index: int, seed: int) -> dict[str, np.ndar
     return {"phantom": phantom, "scans": scans}
 
 
+def _synthetic_patient(site: SiteSpec, index: int, seed: int) -> SyntheticPatient:
+    """Patient/study metadata of a simulated subject, deterministic for seed, site and index.
+
+    Drawn from its own generator, so the simulated images do not depend on whether DICOM is
+    written. UIDs are derived (not random) so the same seed gives identical files.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence(
+        [seed, zlib.crc32(site.name.encode()), index, 1]))
+    weight = round(float(rng.uniform(55.0, 95.0)), 1)
+    dose = round(weight * float(rng.uniform(3.0, 4.0)), 1) * 1e6  # ~3.5 MBq/kg of 18F-FDG
+    entropy = ["fed-ndif", str(seed), site.name, str(index)]
+    return SyntheticPatient(
+        patient_id=f"{site.name}-sub-{index + 1:03d}", weight_kg=weight, injected_dose_bq=dose,
+        study_uid=generate_uid(entropy_srcs=[*entropy, "study"]),
+        frame_uid=generate_uid(entropy_srcs=[*entropy, "frame"]),
+        scan_start=DICOM_SCAN_START, injection_time=DICOM_SCAN_START - timedelta(minutes=60))
+
+
+def _write_dicom_series(site: SiteSpec, index: int, seed: int, subject_dir: Path,
+                        scans: dict[float, np.ndarray], affine: np.ndarray) -> None:
+    """``<subject>/dicom/<full_count|low_count_Npct>/``: one study, one series per scan."""
+    patient = _synthetic_patient(site, index, seed)
+    content = DICOM_SCAN_START + timedelta(minutes=30)
+    levels = [1.0, *site.count_levels]
+    for number, level in enumerate(levels, start=1):
+        if level == 1.0:
+            name, description = "full_count", "PET WB full count (simulated)"
+        else:
+            tag = count_level_tag(level)
+            name, description = f"low_count_{tag}", f"PET WB low count {tag} (simulated)"
+        write_pet_series(
+            Volume(scans[level], affine), subject_dir / "dicom" / name, template=None,
+            series_description=description,
+            derivation_description=(f"simulated by fed-ndif make-sites: scanner "
+                                    f"{site.scanner.name}, {level * 100:g} % of full count, "
+                                    f"seed {seed}"),
+            synthetic_patient=patient, series_number=number, content_datetime=content,
+            uid_entropy=["fed-ndif", str(seed), site.name, str(index), name])
+
+
 def _write_subject(site: SiteSpec, index: int, split: str, seed: int,
-                   site_dir: Path) -> list[dict[str, str]]:
+                   site_dir: Path, *, write_dicom: bool = False) -> list[dict[str, str]]:
     subject = f"sub-{index + 1:03d}"
     result = simulate_subject(site, index, seed)
     phantom, scans = result["phantom"], result["scans"]
@@ -122,8 +169,9 @@ def _write_subject(site: SiteSpec, index: int, split: str, seed: int,
     subject_dir = site_dir / subject
     subject_dir.mkdir()
     save_nifti(scans[1.0], subject_dir / "full_count.nii.gz", affine=affine)
-    save_nifti(phantom.organs == Organ.LIVER, subject_dir / "liver_mask.nii.gz", affine=affine,
-               dtype=np.uint8)
+    # The liver VOI excludes liver lesions: NSTD must measure noise, not lesion uptake.
+    save_nifti((phantom.organs == Organ.LIVER) & (phantom.lesions == 0),
+               subject_dir / "liver_mask.nii.gz", affine=affine, dtype=np.uint8)
     save_nifti(phantom.lesions, subject_dir / "lesion_mask.nii.gz", affine=affine, dtype=np.uint16)
     save_nifti(phantom.organs, subject_dir / "organs.nii.gz", affine=affine, dtype=np.uint8)
     save_nifti(phantom.activity, subject_dir / "activity_truth.nii.gz", affine=affine)
@@ -138,6 +186,8 @@ def _write_subject(site: SiteSpec, index: int, split: str, seed: int,
                      "low_count": f"{subject}/{name}", "full_count": f"{subject}/full_count.nii.gz",
                      "liver_mask": f"{subject}/liver_mask.nii.gz",
                      "lesion_mask": f"{subject}/lesion_mask.nii.gz", "split": split})
+    if write_dicom:
+        _write_dicom_series(site, index, seed, subject_dir, scans, affine)
     return rows
 
 
@@ -150,9 +200,20 @@ def write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
 
 def make_sites(out: Path, *, overrides: list[str] | tuple[str, ...] = (), overwrite: bool = False,
                montage: Path | None = None) -> list[Path]:
-    """Write every configured site under ``out`` atomically; return the manifest paths."""
-    cfg = load_config("make_sites", overrides)
+    """``fed-ndif make-sites``: compose configs/make_sites.yaml with overrides, write the sites."""
+    return write_sites(out, load_config("make_sites", overrides), overwrite=overwrite,
+                       montage=montage)
+
+
+def write_sites(out: Path, cfg: DictConfig, *, overwrite: bool = False,
+                montage: Path | None = None) -> list[Path]:
+    """Write every site of ``cfg`` (sites, seed, split) under ``out`` atomically; return the
+    manifest paths."""
     specs = parse_sites(cfg)
+    write_dicom = cfg.get("write_dicom", False)
+    if not isinstance(write_dicom, bool):
+        raise FedNdifError(f"configuration error: write_dicom must be true or false, got "
+                           f"{write_dicom!r}")
     splits = {s.name: assign_splits(s.subjects, val_fraction=cfg.split.val_fraction,
                                     test_fraction=cfg.split.test_fraction) for s in specs}
     out = Path(out)
@@ -163,7 +224,8 @@ def make_sites(out: Path, *, overrides: list[str] | tuple[str, ...] = (), overwr
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        (staging / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        (staging / "config.yaml").write_text(OmegaConf.to_yaml(
+            {key: cfg[key] for key in SITE_CONFIG_KEYS if key in cfg}))
         jobs = [(s, i) for s in specs for i in range(s.subjects)]
         manifests = {s.name: [] for s in specs}
         for spec in specs:
@@ -172,7 +234,8 @@ def make_sites(out: Path, *, overrides: list[str] | tuple[str, ...] = (), overwr
                 json.dumps(asdict(spec.scanner), indent=1))
         for spec, index in tqdm(jobs, desc="simulating subjects", unit="subject"):
             manifests[spec.name] += _write_subject(
-                spec, index, splits[spec.name][index], int(cfg.seed), staging / spec.name)
+                spec, index, splits[spec.name][index], int(cfg.seed), staging / spec.name,
+                write_dicom=write_dicom)
         for name, rows in manifests.items():
             write_manifest(staging / name / "manifest.csv", rows)
         if out.exists():

@@ -1,0 +1,115 @@
+"""Flower ClientApp: a thin adapter over the single-site trainer (fed_ndif.training).
+
+Site settings come from node config: ``data-path`` (the site's manifest or its folder) and
+``device``; a simulated node without ``data-path`` uses ``partition-id`` to pick
+``data.sites[i]`` under ``data.root``. Experiment settings come from the run config. Replies
+carry weights and numeric metrics only, plus the site's name; never a patient identifier.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fed_ndif.data.dataset import Normalization, SliceStackDataset
+from fed_ndif.errors import FedNdifError
+from fed_ndif.run_config import from_array_record, from_run_config, to_array_record
+from fed_ndif.training.trainer import (
+    build_bundle,
+    evaluate,
+    get_weights,
+    make_train_batches,
+    set_weights,
+    train_steps,
+)
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+# Datasets stay loaded between rounds when the runtime reuses the process (simulation).
+_DATASETS: dict[tuple, SliceStackDataset] = {}
+
+
+def site_manifest(cfg: dict[str, Any], node_config: dict[str, Any]) -> tuple[str, Path]:
+    """The site's name and manifest path from node config (deployment) or partition id."""
+    if node_config.get("data-path"):
+        path = Path(str(node_config["data-path"])).expanduser()
+        manifest = path / "manifest.csv" if path.is_dir() else path
+        name = str(node_config.get("site-name") or manifest.parent.name)
+    elif "partition-id" in node_config:
+        sites = list(cfg["data"]["sites"])
+        index = int(node_config["partition-id"])
+        if not 0 <= index < len(sites):
+            raise FedNdifError(f"partition-id {index} has no site in data.sites={sites}")
+        name = sites[index]
+        manifest = Path(cfg["data"]["root"]) / name / "manifest.csv"
+    else:
+        raise FedNdifError("node config needs data-path (the site's manifest or folder)")
+    if not manifest.is_file():
+        raise FedNdifError(f"site {name}: no manifest at {manifest}")
+    return name, manifest
+
+
+def _dataset(manifest: Path, split: str, cfg: dict[str, Any]) -> SliceStackDataset:
+    normalization = Normalization.from_dict(cfg["data"]["normalization"])
+    levels = cfg["data"].get("count_levels")
+    key = (str(manifest.resolve()), split, int(cfg["model"]["k"]), normalization,
+           tuple(levels) if levels else None)
+    if key not in _DATASETS:
+        _DATASETS[key] = SliceStackDataset(manifest, split=split, k=key[2],
+                                           normalization=normalization, count_levels=levels)
+    return _DATASETS[key]
+
+
+def _setup(msg: Message, context: Context):
+    cfg = from_run_config(context.run_config)
+    name, manifest = site_manifest(cfg, dict(context.node_config))
+    # Each site draws its own batches and noise: the seed depends on the site's name.
+    cfg["train"]["seed"] = int(cfg["train"]["seed"]) + zlib.crc32(name.encode()) % 100_000
+    device = str(context.node_config.get("device", cfg["train"].get("device", "auto")))
+    bundle = build_bundle(cfg, device=device)
+    set_weights(bundle, from_array_record(msg.content["arrays"]))
+    return cfg, name, manifest, bundle
+
+
+def _reply(msg: Message, name: str, metrics: dict[str, float],
+           weights: OrderedDict[str, np.ndarray] | None = None) -> Message:
+    content = RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()}),
+                          "site": ConfigRecord({"name": name})})
+    if weights is not None:
+        content["arrays"] = to_array_record(weights)
+    return Message(content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg, name, manifest, bundle = _setup(msg, context)
+    server_round = int(msg.content["config"]["server-round"])
+    local_steps = int(cfg["fl"]["local_steps"])
+    dataset = _dataset(manifest, "train", cfg)
+    # Batches of round r continue where round r-1 stopped: no slice is favoured.
+    bundle.step = (server_round - 1) * local_steps
+    metrics = train_steps(bundle, make_train_batches(bundle, dataset), local_steps)
+    log.info("site %s round %d: loss %.4g over %d steps", name, server_round, metrics["loss"],
+             local_steps)
+    # FedAvg weights each site by its number of training slice stacks.
+    metrics = {"train_loss": metrics["loss"], "train_seconds": metrics["seconds"],
+               "num-examples": float(len(dataset))}
+    return _reply(msg, name, metrics, get_weights(bundle))
+
+
+@app.evaluate()
+def validate(msg: Message, context: Context) -> Message:
+    cfg, name, manifest, bundle = _setup(msg, context)
+    dataset = _dataset(manifest, "val", cfg)
+    metrics = evaluate(bundle, dataset, max_studies=int(cfg["fl"]["evaluate_max_studies"]))
+    return _reply(msg, name, {f"val_{k}" if k != "num-examples" else k: v
+                              for k, v in metrics.items()})

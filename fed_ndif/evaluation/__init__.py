@@ -1,0 +1,1 @@
+"""Evaluation: whole-volume image metrics, lesion metrics, the multi-site comparison report."""

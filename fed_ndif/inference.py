@@ -1,0 +1,438 @@
+"""Denoise one PET study with a trained checkpoint: the ``fed-ndif denoise`` command.
+
+Flower-free: a clinician's workstation or a research pipeline needs only the checkpoint. The
+input is a PET DICOM series (picked as :func:`fed_ndif.data.dicom.read_pet_series` picks it) or
+an SUV NIfTI volume; the output is a derived PET series in the input's study and/or NIfTI (layout
+in ``docs/denoise.md``). Everything that can be checked is checked before any sampling starts
+(paths, output location, checkpoint), and the output appears atomically: it is assembled in a
+hidden sibling folder and renamed into place only when complete, so a failure or an interrupt
+leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fed_ndif.data.nifti import load_nifti, save_nifti
+from fed_ndif.data.nstd import measure_liver_nstd
+from fed_ndif.data.volume import Volume
+from fed_ndif.errors import FedNdifError
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("dicom", "nifti", "both")
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
+DEVICES = ("auto", "cpu", "cuda")
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# Names inside an OUTPUT folder (formats dicom and both).
+DENOISED_SERIES = "denoised"
+UNCERTAINTY_SERIES = "uncertainty"
+DENOISED_NIFTI = "denoised.nii.gz"
+UNCERTAINTY_NIFTI = "uncertainty.nii.gz"
+# Largest affine difference (mm) between a liver mask and the volume.
+MASK_AFFINE_TOLERANCE_MM = 1e-2
+
+
+@dataclass
+class DenoiseResult:
+    """What was done; :meth:`summary` is the text the command prints."""
+
+    input_description: str
+    nstd: float
+    nstd_source: str
+    sampler: str  # e.g. "DDIM, 10 steps x 1 sample" or "U-Net (deterministic)"
+    checkpoint: str
+    device: str
+    precision: str
+    seconds: float
+    sampling_seconds: float
+    outputs: list[Path] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [
+            f"denoised {self.input_description}",
+            f"  liver NSTD {self.nstd:.4f} ({self.nstd_source})",
+            f"  {self.sampler}; checkpoint {self.checkpoint}; {self.device}, {self.precision}",
+            f"  {self.seconds:.1f} s ({self.sampling_seconds:.1f} s sampling)",
+            *(f"  wrote {p}" for p in self.outputs),
+        ]
+        return "\n".join(lines)
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _nifti_sibling(path: Path, suffix: str) -> Path:
+    """``out.nii.gz`` -> ``out<suffix>.nii.gz`` (same extension)."""
+    name = path.name
+    ext = next(e for e in NIFTI_SUFFIXES if name.lower().endswith(e))
+    return path.with_name(name[: -len(ext)] + suffix + name[-len(ext):])
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _check_writable(target: Path) -> None:
+    """The nearest existing ancestor of ``target`` must be a folder we may write in."""
+    ancestor = target.parent
+    while not ancestor.exists():
+        if ancestor.is_symlink():  # dangling link
+            raise FedNdifError(f"{ancestor}: a broken symbolic link on the output path")
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise FedNdifError(f"{target}: cannot write there, {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise FedNdifError(f"{target}: cannot write there, {ancestor} is not writable")
+
+
+@dataclass
+class _Plan:
+    """Validated paths of one run."""
+
+    kind: str  # "dicom" | "nifti" (input)
+    fmt: str
+    output: Path
+    targets: dict[str, Path]  # what -> final path (nifti format) or name inside OUTPUT folder
+
+
+def _plan(input_path: Path, output: Path, *, fmt: str | None, uncertainty: bool,
+          overwrite: bool) -> _Plan:
+    if input_path.is_dir():
+        kind = "dicom"
+    elif input_path.is_file() and _is_nifti(input_path):
+        kind = "nifti"
+    elif input_path.exists():
+        raise FedNdifError(f"{input_path}: INPUT must be a DICOM folder or a .nii/.nii.gz volume")
+    else:
+        raise FedNdifError(f"{input_path}: no such file or folder")
+    fmt = fmt or kind
+    if fmt not in FORMATS:
+        raise FedNdifError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if kind == "nifti" and fmt != "nifti":
+        raise FedNdifError(f"--format {fmt}: a DICOM series joins the input's study, and a NIfTI "
+                           "input has none; use --format nifti (or a DICOM input)")
+    real_in = input_path.resolve()
+    if fmt == "nifti":
+        if not _is_nifti(output):
+            raise FedNdifError(f"{output}: with --format nifti, OUTPUT must be a .nii.gz (or "
+                               ".nii) file")
+        targets = {"denoised": output}
+        if uncertainty:
+            targets["uncertainty"] = _nifti_sibling(output, "_uncertainty")
+    else:
+        if _is_nifti(output):
+            raise FedNdifError(f"{output}: with --format {fmt}, OUTPUT is a folder; name it "
+                               "without .nii/.nii.gz")
+        targets = {"output": output}
+    for path in targets.values():
+        real = path.resolve()
+        if kind == "dicom" and _inside(real, real_in):
+            raise FedNdifError(f"{path}: the output lies inside the input folder {input_path}; "
+                               "choose a folder outside it")
+        if real == real_in or _inside(real_in, real):
+            raise FedNdifError(f"{path}: the output would replace the input {input_path}")
+        if (path.exists() or path.is_symlink()) and not overwrite:
+            raise FedNdifError(f"{path} exists; pass --overwrite to replace it")
+        if fmt == "nifti" and path.is_dir():
+            raise FedNdifError(f"{path} is a folder; a NIfTI output must be a file path")
+        _check_writable(path)
+    return _Plan(kind=kind, fmt=fmt, output=output, targets=targets)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class _Model:
+    bundle: Any  # fed_ndif.training.trainer.ModelBundle
+    sampler: Any  # SamplerConfig or None (U-Net)
+    label: str  # checkpoint as named in outputs
+    sha: str
+    step: int
+
+
+def _load_model(checkpoint: Path, *, steps: int | None, samples: int | None, uncertainty: bool,
+                device: str) -> _Model:
+    """Read and check the checkpoint (no code executed: ``weights_only=True``), then load it."""
+    from fed_ndif.data.dataset import Normalization
+    from fed_ndif.training.trainer import load_checkpoint, read_checkpoint, sampler_config
+
+    ckpt = read_checkpoint(checkpoint)  # missing, corrupt or foreign files: one clear error
+    try:
+        cfg = ckpt["config"]
+        kind = str(cfg["model"]["kind"])
+        k = cfg["model"]["k"]
+        normalization = ckpt.get("normalization")
+    except (KeyError, TypeError) as exc:
+        raise FedNdifError(f"{checkpoint}: the checkpoint lacks its model settings "
+                           f"({exc.__class__.__name__}: {exc})") from None
+    if kind not in ("diffusion", "unet"):
+        raise FedNdifError(f"{checkpoint}: model kind {kind!r} cannot denoise (expected a "
+                           "diffusion or unet checkpoint)")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise FedNdifError(f"{checkpoint}: model.k is {k!r}; expected a non-negative integer")
+    if not isinstance(normalization, dict):
+        raise FedNdifError(f"{checkpoint}: the checkpoint carries no SUV normalization, so its "
+                           "output cannot be turned back into SUV")
+    try:
+        Normalization.from_dict(normalization)
+    except (TypeError, ValueError) as exc:
+        raise FedNdifError(f"{checkpoint}: its SUV normalization {normalization} is invalid "
+                           f"({exc})") from None
+    for name, value in (("--steps", steps), ("--samples", samples)):
+        if value is not None and value < 1:
+            raise FedNdifError(f"{name} must be at least 1, got {value}")
+    sampler = None
+    if kind == "diffusion":
+        overrides = {key: value for key, value in (("steps", steps), ("samples", samples))
+                     if value is not None}
+        try:
+            sampler = sampler_config(cfg, **overrides)
+            total = int(cfg["diffusion"]["num_train_timesteps"])
+        except (KeyError, TypeError) as exc:
+            raise FedNdifError(f"{checkpoint}: the checkpoint's diffusion/sampler settings are "
+                               f"incomplete ({exc.__class__.__name__}: {exc})") from None
+        if sampler.warm_start == "unet":
+            log.warning("the checkpoint samples from a U-Net warm start, which needs a second "
+                        "model; starting from the low-count input instead")
+            sampler = type(sampler)(**{**sampler.__dict__, "warm_start": "low_count"})
+        t_start = total - 1 if sampler.warm_start == "none" else int(sampler.t_start or 0)
+        if sampler.name == "ddim" and sampler.steps > t_start + 1:
+            raise FedNdifError(f"--steps {sampler.steps} is more than the {t_start + 1} "
+                               "diffusion steps this checkpoint samples from")
+        if uncertainty and sampler.samples < 2:
+            raise FedNdifError("--uncertainty is the per-voxel std over samples: pass --samples "
+                               "2 or more")
+    else:
+        if uncertainty:
+            raise FedNdifError(f"{checkpoint}: a U-Net checkpoint is deterministic and has no "
+                               "uncertainty map; drop --uncertainty")
+        if steps is not None or samples is not None:
+            log.warning("a U-Net checkpoint is deterministic: --steps/--samples are ignored")
+    bundle = load_checkpoint(checkpoint, device=device)  # weights must fit (channels, k)
+    label = f"{checkpoint.parent.name}/{checkpoint.name}" if checkpoint.parent.name else (
+        checkpoint.name)
+    return _Model(bundle=bundle, sampler=sampler, label=label, sha=_sha256(checkpoint)[:12],
+                  step=int(ckpt.get("step", 0)))
+
+
+def _check_axial(volume: Volume, where: Path) -> None:
+    axis = volume.affine[:3, 2]
+    norm = float(np.linalg.norm(axis))
+    if norm == 0 or abs(axis[2]) / norm < 0.99:
+        raise FedNdifError(f"{where}: the volume's third axis is not along the body axis; "
+                           "the 2.5D model needs axial slices (reorient it first)")
+
+
+def _load_mask(path: Path, volume: Volume) -> np.ndarray:
+    mask = load_nifti(path)
+    if mask.array.shape != volume.array.shape:
+        raise FedNdifError(f"{path}: liver mask shape {mask.array.shape} (z, y, x) differs from "
+                           f"the input's {volume.array.shape}")
+    if not np.allclose(mask.affine, volume.affine, atol=MASK_AFFINE_TOLERANCE_MM):
+        raise FedNdifError(f"{path}: the liver mask is on another voxel grid (affine) than the "
+                           "input; resample it to the input first")
+    return mask.array > 0
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _commit_folder(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to ``target``; an old target is removed only once the new one is in."""
+    if not target.exists() and not target.is_symlink():
+        os.rename(staging, target)
+        return
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    _remove(old)
+
+
+def denoise_study(
+    input_path: str | Path, output: str | Path, *, checkpoint: str | Path,
+    steps: int | None = None, samples: int | None = None, uncertainty: bool = False,
+    output_format: str | None = None, liver_mask: str | Path | None = None,
+    device: str = "auto", precision: str = "fp32", overwrite: bool = False,
+    weight_kg: float | None = None, dose_bq: float | None = None, series_uid: str | None = None,
+    seed: int = 0, batch_size: int = 16, progress: bool = True,
+) -> DenoiseResult:
+    """Denoise the PET study at ``input_path`` into ``output``; see ``docs/denoise.md``.
+
+    ``steps`` / ``samples`` default to the checkpoint's sampler settings; ``output_format``
+    defaults to the input's kind (``dicom`` for a DICOM folder, ``nifti`` for a NIfTI file).
+    ``weight_kg`` / ``dose_bq`` / ``series_uid`` apply to DICOM input, as in
+    :func:`~fed_ndif.data.dicom.read_pet_series`.
+    """
+    started = time.perf_counter()
+    input_path, output, checkpoint = Path(input_path), Path(output), Path(checkpoint)
+    if precision not in PRECISIONS:
+        raise FedNdifError(f"--precision must be one of {', '.join(PRECISIONS)}, got "
+                           f"{precision!r}")
+    if device not in DEVICES:
+        raise FedNdifError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if batch_size < 1:
+        raise FedNdifError(f"--batch-size must be at least 1, got {batch_size}")
+    for name, value in (("--weight", weight_kg), ("--dose", dose_bq)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise FedNdifError(f"{name} must be a positive number, got {value:g}")
+    plan = _plan(input_path, output, fmt=output_format, uncertainty=uncertainty,
+                 overwrite=overwrite)
+    if plan.kind == "nifti" and (weight_kg is not None or dose_bq is not None
+                                 or series_uid is not None):
+        raise FedNdifError("--weight, --dose and --series-uid apply to DICOM input; a NIfTI "
+                           "input is already in SUV")
+    mask_path = Path(liver_mask) if liver_mask is not None else None
+    if mask_path is not None and not mask_path.is_file():
+        raise FedNdifError(f"{mask_path}: no such liver mask file")
+    from fed_ndif.models.denoise_volume import denoise_volume, resolve_device
+
+    dev = resolve_device(device)
+    model = _load_model(checkpoint, steps=steps, samples=samples, uncertainty=uncertainty,
+                        device=str(dev))
+    bundle = model.bundle
+
+    # Staging: a hidden sibling of OUTPUT; creating it also proves the folder is writable.
+    first = next(iter(plan.targets.values()))
+    created = first.parent
+    while not created.parent.exists():
+        created = created.parent
+    made_parents = not first.parent.exists()
+    staging: Path | None = None
+    try:
+        first.parent.mkdir(parents=True, exist_ok=True)
+        staging = first.parent / f".{first.name}.tmp-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+    except OSError as exc:
+        if made_parents:
+            _remove(created)
+        raise FedNdifError(f"{first}: cannot write there ({exc.strerror or exc})") from None
+
+    try:
+        info = None
+        if plan.kind == "dicom":
+            from fed_ndif.data.dicom import read_pet_series
+
+            volume, info = read_pet_series(input_path, series_uid=series_uid,
+                                           patient_weight_kg=weight_kg, injected_dose_bq=dose_bq)
+            number = str(info.template.get("SeriesNumber", "") or "?")
+            description = info.series_description.strip() or "no description"
+            what = f'PET series {number} "{description}"'
+        else:
+            volume = load_nifti(input_path)
+            what = f"NIfTI volume {input_path.name}"
+        _check_axial(volume, input_path)
+        nz, ny, nx = volume.array.shape
+        dz, dy, dx = volume.spacing
+        what += f" ({nz} slices of {ny}x{nx}, {dz:.2f} x {dy:.2f} x {dx:.2f} mm)"
+        mask = _load_mask(mask_path, volume) if mask_path is not None else None
+        nstd, how = measure_liver_nstd(volume, mask)
+        if not math.isfinite(nstd) or nstd <= 0:
+            raise FedNdifError(f"liver NSTD is {nstd} ({how}); pass a liver mask on the liver")
+
+        if bundle.process is not None:
+            sampler = model.sampler
+            label = (f"{sampler.name.upper()}, {sampler.steps} step"
+                     f"{'s' if sampler.steps > 1 else ''} x {sampler.samples} sample"
+                     f"{'s' if sampler.samples > 1 else ''}")
+            short = f"{sampler.steps}x{sampler.samples}"
+        else:
+            sampler, label, short = None, "U-Net (deterministic)", "unet"
+        log.info("denoising %s: liver NSTD %.4f (%s), %s", what, nstd, how, label)
+        sampling_start = time.perf_counter()
+        mean, std = denoise_volume(
+            bundle.ema.model, volume.array, nstd=nstd, normalization=bundle.normalization,
+            k=bundle.k, process=bundle.process, sampler=sampler, batch_size=batch_size,
+            device=str(dev), dtype=PRECISIONS[precision], seed=seed, progress=progress)
+        sampling_seconds = time.perf_counter() - sampling_start
+        denoised = Volume(mean, volume.affine)
+        spread = Volume(std, volume.affine) if uncertainty and std is not None else None
+
+        derivation = (f"Denoised by fed-ndif {_version()} ({label}, seed {seed}) with checkpoint "
+                      f"{model.label} (step {model.step}, sha256 {model.sha}); liver NSTD "
+                      f"{nstd:.4f} ({how})")
+        if plan.fmt in ("dicom", "both"):
+            from fed_ndif.data.dicom import write_pet_series
+
+            assert info is not None
+            source_number = _series_number(info.template.get("SeriesNumber"))
+            write_pet_series(denoised, staging / DENOISED_SERIES, template=info,
+                             series_description=f"fed-ndif denoised {short} {model.label}",
+                             derivation_description=derivation,
+                             series_number=source_number + 1000)
+            if spread is not None:
+                write_pet_series(
+                    spread, staging / UNCERTAINTY_SERIES, template=info,
+                    series_description=f"fed-ndif uncertainty SD {short} {model.label}",
+                    derivation_description="Per-voxel standard deviation over samples. "
+                                           + derivation,
+                    series_number=source_number + 1001)
+        if plan.fmt in ("nifti", "both"):
+            save_nifti(denoised, staging / DENOISED_NIFTI)
+            if spread is not None:
+                save_nifti(spread, staging / UNCERTAINTY_NIFTI)
+
+        # Commit: everything is complete in the staging folder.
+        if plan.fmt == "nifti":
+            outputs = [plan.targets["denoised"]]
+            os.replace(staging / DENOISED_NIFTI, plan.targets["denoised"])
+            if spread is not None:
+                os.replace(staging / UNCERTAINTY_NIFTI, plan.targets["uncertainty"])
+                outputs.append(plan.targets["uncertainty"])
+            staging.rmdir()
+        else:
+            names = sorted(p.name for p in staging.iterdir())
+            _commit_folder(staging, plan.output)
+            outputs = [plan.output / name for name in names]
+    except BaseException:
+        _remove(staging)
+        if made_parents:
+            _remove(created)
+        raise
+    return DenoiseResult(
+        input_description=what, nstd=nstd, nstd_source=how, sampler=label,
+        checkpoint=f"{model.label} (step {model.step})", device=str(dev), precision=precision,
+        seconds=time.perf_counter() - started, sampling_seconds=sampling_seconds,
+        outputs=outputs)
+
+
+def _series_number(value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _version() -> str:
+    from fed_ndif import __version__
+
+    return __version__
+
+
+__all__ = ["DenoiseResult", "denoise_study"]

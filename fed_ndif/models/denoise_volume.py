@@ -1,0 +1,102 @@
+"""Whole-volume denoising: every axial slice's 2.5D stack through a model, output in SUV.
+
+Slices go through in batches built on the fly from the (normalized) volume, so memory beyond
+the input and output volumes is one batch, whatever the number of slices. Works with either a
+diffusion model (sampled; mean and per-voxel std over K samples) or the deterministic U-Net.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from fed_ndif.errors import FedNdifError
+from fed_ndif.models.diffusion import DiffusionProcess
+from fed_ndif.models.sampling import SamplerConfig, sample
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class NormalizationLike(Protocol):
+    def forward(self, suv: np.ndarray) -> np.ndarray: ...
+    def inverse(self, x: np.ndarray) -> np.ndarray: ...
+    @property
+    def range(self) -> tuple[float, float]: ...
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FedNdifError("device=cuda was asked for but no CUDA device is available")
+    return device
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype not in DTYPES:
+        raise FedNdifError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    # Mixed precision: the network runs in bf16/fp16, the sampler's arithmetic stays float32.
+    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
+
+
+@torch.no_grad()
+def denoise_volume(
+    model: nn.Module, low_suv: np.ndarray, *, nstd: float, normalization: NormalizationLike,
+    k: int, process: DiffusionProcess | None = None, sampler: SamplerConfig | None = None,
+    warm_model: nn.Module | None = None, batch_size: int = 16, device: str | None = "auto",
+    dtype: str = "float32", seed: int = 0, progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Denoise a (z, y, x) SUV volume; returns (mean SUV, per-voxel std SUV or None).
+
+    ``process`` None: ``model`` is the deterministic U-Net (no std). Otherwise ``model`` is the
+    diffusion network, sampled with ``sampler``; ``warm_model`` (a U-Net) supplies the initial
+    image when ``sampler.warm_start == "unet"``. ``dtype='bfloat16'`` is meant for CUDA.
+    """
+    if low_suv.ndim != 3:
+        raise FedNdifError(f"expected a (z, y, x) volume, got shape {low_suv.shape}")
+    dev = resolve_device(device)
+    sampler = sampler or SamplerConfig()
+    if process is not None and sampler.warm_start == "unet" and warm_model is None:
+        raise FedNdifError("sampler.warm_start=unet needs a U-Net model (warm_model)")
+    low = normalization.forward(low_suv)
+    depth = low.shape[0]
+    mean = np.empty(low.shape, np.float32)
+    std = np.empty(low.shape, np.float32) if process is not None else None
+    generator = torch.Generator().manual_seed(seed)
+    model = model.to(dev).eval()
+    if warm_model is not None:
+        warm_model = warm_model.to(dev).eval()
+    offsets = np.arange(-k, k + 1)
+    for start in tqdm(range(0, depth, batch_size), desc="denoising", unit="batch",
+                      disable=not progress, leave=False):
+        zs = np.arange(start, min(start + batch_size, depth))
+        idx = np.clip(zs[:, None] + offsets[None, :], 0, depth - 1)
+        stacks = torch.from_numpy(low[idx]).to(dev)  # (B, 2k+1, H, W)
+        nstd_t = torch.full((len(zs),), float(nstd), device=dev)
+        with _autocast(dev, dtype):
+            if process is None:
+                out = model(stacks, nstd_t).float()
+                spread = None
+            else:
+                init = None
+                if sampler.warm_start == "low_count":
+                    init = stacks[:, k:k + 1]
+                elif sampler.warm_start == "unet":
+                    init = warm_model(stacks, nstd_t).float()
+                out, spread = sample(model, process, low=stacks, nstd=nstd_t, cfg=sampler,
+                                     generator=generator, init=init, x0_range=normalization.range)
+        mean[zs] = normalization.inverse(out[:, 0].float().cpu().numpy())
+        if std is not None:
+            std[zs] = normalization.inverse(spread[:, 0].float().cpu().numpy())
+    return mean, std

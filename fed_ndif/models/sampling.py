@@ -1,0 +1,184 @@
+"""Samplers: DDIM with N steps, DDPM, warm start, K-sample mean and per-voxel std.
+
+Written by hand, on purpose, where MONAI's schedulers get it wrong (MONAI 1.6.1):
+
+* ``DDIMScheduler.set_timesteps`` spaces steps with ``linspace(T-1, 0, N)`` but ``step`` jumps
+  to ``t - T // N``: for few steps the two disagree (N=3: visits 999, 500, 0 but steps 999 -> 666),
+  so the chain is evaluated at times it never reaches. Our DDIM steps from each scheduled time
+  to exactly the next scheduled one, so the steps follow the schedule we set (linear or
+  quadratic spacing; quadratic is denser near t=0, which few-step DDIM needs).
+* ``DDPMScheduler.step`` always uses ``t - 1`` as the previous time, so with fewer inference
+  steps than training steps it is not a valid sampler. We use it only for the full chain (every
+  time from ``t_start`` to 0), and for a shorter DDPM we take the generalised DDIM step with
+  eta=1, which is the DDPM posterior on the sub-sequence.
+
+Each step is exactly one network evaluation; ``len(ddim_timesteps(...)) == steps``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fed_ndif.errors import FedNdifError
+from fed_ndif.models.diffusion import DiffusionProcess
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("ddim", "ddpm")
+WARM_STARTS = ("none", "low_count", "unet")
+SPACINGS = ("linear", "quadratic")
+
+
+@dataclass
+class SamplerConfig:
+    """How to sample (defaults: see configs/diffusion/default.yaml for the reasons)."""
+
+    name: str = "ddim"
+    steps: int = 10
+    spacing: str = "quadratic"
+    eta: float = 0.0
+    warm_start: str = "none"
+    t_start: int | None = None  # None: T-1 from noise; a warm start needs an intermediate t
+    samples: int = 1
+    clip_x0: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name not in SAMPLERS:
+            raise FedNdifError(f"sampler.name must be one of {SAMPLERS}, got {self.name!r}")
+        if self.warm_start not in WARM_STARTS:
+            raise FedNdifError(f"sampler.warm_start must be one of {WARM_STARTS}, "
+                               f"got {self.warm_start!r}")
+        if self.spacing not in SPACINGS:
+            raise FedNdifError(f"sampler.spacing must be one of {SPACINGS}, got {self.spacing!r}")
+        if self.steps < 1 or self.samples < 1:
+            raise FedNdifError("sampler.steps and sampler.samples must be >= 1")
+
+
+def ddim_timesteps(*, t_start: int, steps: int, spacing: str = "quadratic") -> list[int]:
+    """``steps`` strictly decreasing times from ``t_start`` towards 0 (one network call each)."""
+    if steps > t_start + 1:
+        raise FedNdifError(f"sampler.steps={steps} is more than the {t_start + 1} times from "
+                           f"t_start={t_start} down to 0")
+    power = 2.0 if spacing == "quadratic" else 1.0
+    # The last evaluation is at t_start / N (to the power), not at 0 where x_t is already clean.
+    times = [t_start]
+    for i in range(1, steps):
+        ideal = round(t_start * ((steps - i) / steps) ** power)
+        # strictly decreasing, and leaving room for the steps still to come
+        times.append(min(max(ideal, steps - 1 - i), times[-1] - 1))
+    return times
+
+
+def _resolve_t_start(process: DiffusionProcess, cfg: SamplerConfig) -> int:
+    last = process.num_train_timesteps - 1
+    if cfg.warm_start == "none":
+        if cfg.t_start not in (None, last):
+            raise FedNdifError(f"sampler.t_start={cfg.t_start} needs a warm start (from pure noise "
+                               f"the chain starts at {last}); set sampler.warm_start")
+        return last
+    if cfg.t_start is None:
+        raise FedNdifError("a warm start needs sampler.t_start (an intermediate step, e.g. 300)")
+    if not 0 <= cfg.t_start <= last:
+        raise FedNdifError(f"sampler.t_start must be in [0, {last}], got {cfg.t_start}")
+    return int(cfg.t_start)
+
+
+def _model_x0(model: nn.Module, process: DiffusionProcess, x_t: torch.Tensor, t: int,
+              low: torch.Tensor, nstd: torch.Tensor, x0_range: tuple[float, float] | None,
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    out = model(torch.cat([x_t, low.to(x_t.dtype)], dim=1), tt, nstd).float()
+    x0, eps = process.to_x0_eps(out, x_t, tt)
+    if x0_range is not None:
+        x0 = x0.clamp(*x0_range)
+        # Keep eps consistent with the clamped x0 (else the next x_t drifts off the manifold).
+        sa, sb = process._coef(tt, x_t)
+        eps = (x_t - sa * x0) / sb.clamp_min(1e-8)
+    return x0, eps
+
+
+def _alpha(process: DiffusionProcess, t: int) -> float:
+    return 1.0 if t < 0 else float(process.alphas_cumprod[t])
+
+
+def _noise(shape: torch.Size, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    # Drawn on the CPU generator, so results are identical on every device for a given seed.
+    return torch.randn(shape, generator=generator).to(like.device, like.dtype)
+
+
+@torch.no_grad()
+def sample_once(model: nn.Module, process: DiffusionProcess, *, low: torch.Tensor,
+                nstd: torch.Tensor, cfg: SamplerConfig, generator: torch.Generator,
+                init: torch.Tensor | None = None,
+                x0_range: tuple[float, float] | None = None) -> torch.Tensor:
+    """One sample (N, 1, H, W), normalized units. ``init``: the warm-start image (x0 estimate)."""
+    t_start = _resolve_t_start(process, cfg)
+    shape = (low.shape[0], 1, *low.shape[-2:])
+    x0_range = x0_range if cfg.clip_x0 else None
+    ref = low.float()
+    if cfg.warm_start == "none":
+        x = _noise(shape, generator, ref)
+    else:
+        if init is None:
+            raise FedNdifError(f"sampler.warm_start={cfg.warm_start} needs an initial image")
+        tt = torch.full((shape[0],), t_start, dtype=torch.long)
+        x = process.q_sample(init.float().to(ref.device), tt.to(ref.device),
+                             _noise(shape, generator, ref))
+
+    full_chain = cfg.name == "ddpm" and cfg.steps >= t_start + 1
+    if full_chain:
+        # MONAI's DDPM step is correct for the full chain (previous time = t - 1).
+        scheduler = process.scheduler
+        x0 = x
+        for t in range(t_start, -1, -1):
+            x0, _ = _model_x0(model, process, x, t, low, nstd, x0_range)
+            if t == 0:
+                return x0
+            # The scheduler was built with prediction_type="sample": it turns our (clamped) x0
+            # into the DDPM posterior. Its noise comes from our generator on CPU; on a GPU MONAI
+            # cannot take a CPU generator, so the global CUDA RNG (torch.manual_seed) is used.
+            gen = generator if x.device.type == "cpu" else None
+            x, _ = scheduler.step(x0, t, x, generator=gen)
+        return x0
+
+    eta = 1.0 if cfg.name == "ddpm" else cfg.eta
+    times = ddim_timesteps(t_start=t_start, steps=cfg.steps, spacing=cfg.spacing)
+    x0 = x
+    for i, t in enumerate(times):
+        t_prev = times[i + 1] if i + 1 < len(times) else -1
+        x0, eps = _model_x0(model, process, x, t, low, nstd, x0_range)
+        if t_prev < 0:
+            return x0
+        a_t, a_prev = _alpha(process, t), _alpha(process, t_prev)
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        x = a_prev ** 0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
+        if sigma > 0:
+            x = x + sigma * _noise(shape, generator, ref)
+    return x0
+
+
+@torch.no_grad()
+def sample(model: nn.Module, process: DiffusionProcess, *, low: torch.Tensor, nstd: torch.Tensor,
+           cfg: SamplerConfig, generator: torch.Generator, init: torch.Tensor | None = None,
+           x0_range: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and per-voxel standard deviation (uncertainty) over ``cfg.samples`` samples.
+
+    Samples are drawn one after another (Welford's running moments), so memory does not grow
+    with K. The std is the sample std (ddof=1); zero when K=1.
+    """
+    mean = m2 = None
+    for n in range(1, cfg.samples + 1):
+        x = sample_once(model, process, low=low, nstd=nstd, cfg=cfg, generator=generator,
+                        init=init, x0_range=x0_range).float()
+        if mean is None:
+            mean, m2 = x.clone(), torch.zeros_like(x)
+            continue
+        delta = x - mean
+        mean += delta / n
+        m2 += delta * (x - mean)
+    std = (m2 / (cfg.samples - 1)).sqrt() if cfg.samples > 1 else torch.zeros_like(mean)
+    return mean, std

@@ -1,0 +1,1 @@
+"""The coordinator: checked FedAvg, global checkpoints and resume (fed_ndif.server.app)."""

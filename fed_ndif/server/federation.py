@@ -1,0 +1,226 @@
+"""The coordinator's federation: FedAvg rounds with checked updates, checkpoints and resume.
+
+Flower's ``FedAvg`` samples sites and builds messages; :class:`CheckedFedAvg` replaces its
+aggregation with one that checks every update and averages in a fixed order. The round loop is
+ours (not ``Strategy.start``) so that a restarted coordinator continues at round N+1 from the
+latest global checkpoint instead of round 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
+
+from fed_ndif.errors import FedNdifError
+from fed_ndif.run_config import from_array_record, to_array_record
+from fed_ndif.server.aggregation import (
+    UpdateRejected,
+    check_update,
+    spec_of,
+    weighted_average,
+    weighted_metrics,
+)
+from fed_ndif.training.trainer import (
+    build_bundle,
+    get_weights,
+    read_checkpoint,
+    save_checkpoint,
+    set_weights,
+)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"global-round-(\d{4,})\.pt$")
+
+
+@dataclass
+class RoundReport:
+    """What happened to each site's reply in one aggregation."""
+
+    accepted: list[str] = field(default_factory=list)
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # per accepted site
+    rejected: dict[str, str] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+class CheckedFedAvg(FedAvg):
+    """FedAvg that rejects bad updates (naming the site) and averages in a fixed order.
+
+    Replies are sorted by site name, then node id, before averaging, so seeded runs repeat
+    bitwise whatever order the replies arrive in.
+    """
+
+    def __init__(self, *, reference: dict[str, np.ndarray], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.spec = spec_of(reference)
+        self.site_names: dict[int, str] = {}  # node id -> site name, learnt from replies
+        self.last_train = RoundReport()
+        self.last_evaluate = RoundReport()
+
+    def _sorted_checked(self, server_round: int, replies: Iterable[Message], *,
+                        train: bool) -> tuple[list[tuple[Message, dict, float]], RoundReport]:
+        report = RoundReport()
+        kept = []
+        ordered = sorted(replies, key=lambda r: (self._site_of(r), r.metadata.src_node_id))
+        for reply in ordered:
+            site = self._site_of(reply)
+            if reply.has_error():
+                report.failed[site] = reply.error.reason
+                log.warning("round %d: site %s failed: %s", server_round, site,
+                            reply.error.reason)
+                continue
+            try:
+                metrics = dict(reply.content["metrics"])
+                weight = float(metrics.get(self.weighted_by_key, float("nan")))
+                if train:
+                    check_update(from_array_record(reply.content["arrays"]), self.spec,
+                                 num_examples=weight)
+                elif not (np.isfinite(weight) and weight > 0):
+                    raise UpdateRejected(f"num-examples is {weight!r}")
+            except (UpdateRejected, KeyError, TypeError, ValueError) as exc:
+                report.rejected[site] = str(exc)
+                log.warning("round %d: rejected %s from site %s (node %d): %s", server_round,
+                            "update" if train else "metrics", site, reply.metadata.src_node_id,
+                            exc)
+                continue
+            report.accepted.append(site)
+            report.metrics[site] = {k: float(v) for k, v in metrics.items()}
+            kept.append((reply, metrics, weight))
+        return kept, report
+
+    def _site_of(self, reply: Message) -> str:
+        node = reply.metadata.src_node_id
+        if not reply.has_error():
+            with contextlib.suppress(KeyError, TypeError):
+                self.site_names[node] = str(reply.content["site"]["name"])
+        return self.site_names.get(node, f"node {node}")
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        kept, self.last_train = self._sorted_checked(server_round, replies, train=True)
+        if not kept:
+            log.warning("round %d: no acceptable update; the global model is unchanged",
+                        server_round)
+            return None, None
+        average = weighted_average(
+            [(from_array_record(r.content["arrays"]), w) for r, _, w in kept], self.spec)
+        metrics = weighted_metrics([(m, w) for _, m, w in kept])
+        metrics.pop(self.weighted_by_key, None)
+        return to_array_record(average), MetricRecord(metrics)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        kept, self.last_evaluate = self._sorted_checked(server_round, replies, train=False)
+        if not kept:
+            return None
+        metrics = weighted_metrics([(m, w) for _, m, w in kept])
+        metrics.pop(self.weighted_by_key, None)
+        return MetricRecord(metrics)
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    found = [(int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("global-round-*.pt")
+             if (m := CHECKPOINT_PATTERN.search(p.name))]
+    return max(found) if found else None
+
+
+def _tracker(cfg: dict[str, Any], run_dir: Path):
+    mode = str(cfg.get("logger", {}).get("wandb_mode", "offline"))
+    if mode == "disabled":
+        return None
+    import wandb
+
+    # Only the experiment config and aggregate numbers go to wandb: no paths, no subjects.
+    return wandb.init(project=cfg["logger"].get("project", "fed-ndif"), dir=str(run_dir),
+                      mode=mode, config={k: cfg[k] for k in ("model", "diffusion", "train", "fl")},
+                      reinit="finish_previous")
+
+
+def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Run (or resume) the configured FedAvg rounds; return the final global weights."""
+    fl = cfg["fl"]
+    run_dir = Path(cfg["run_dir"])
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    bundle = build_bundle(cfg, device="cpu")
+    start_round = 0
+    latest = latest_checkpoint(run_dir) if fl.get("resume", True) else None
+    if latest is not None:
+        start_round, path = latest
+        ckpt = read_checkpoint(path)
+        for section in ("model", "diffusion", "data"):
+            if ckpt["config"][section] != bundle.cfg[section]:
+                raise FedNdifError(f"{path}: its {section} settings differ from this run's; "
+                                   "resume with the same settings or use a new run_dir")
+        set_weights(bundle, {k: v.numpy() for k, v in ckpt["model"].items()})
+        log.info("resuming from %s (round %d of %d)", path, start_round, fl["rounds"])
+    else:
+        save_checkpoint(bundle, run_dir / "checkpoints" / "global-round-0000.pt")
+    weights = get_weights(bundle)
+    strategy: Any = CheckedFedAvg(
+        reference=weights, fraction_train=float(fl["fraction_train"]),
+        fraction_evaluate=1.0 if int(fl["evaluate_max_studies"]) > 0 else 0.0,
+        min_train_nodes=int(fl["min_sites"]), min_evaluate_nodes=int(fl["min_sites"]),
+        min_available_nodes=int(fl["min_sites"]))
+    checked = strategy
+    if fl["dp"]["enabled"]:
+        strategy = DifferentialPrivacyServerSideFixedClipping(
+            strategy, noise_multiplier=float(fl["dp"]["noise_multiplier"]),
+            clipping_norm=float(fl["dp"]["clipping_norm"]),
+            num_sampled_clients=int(fl["min_sites"]))
+    tracker = _tracker(cfg, run_dir)
+    arrays = to_array_record(weights)
+    train_config = ConfigRecord({"local-steps": int(fl["local_steps"])})
+    timeout = float(fl["round_timeout_s"])
+    try:
+        for server_round in range(start_round + 1, int(fl["rounds"]) + 1):
+            started = time.perf_counter()
+            replies = grid.send_and_receive(
+                strategy.configure_train(server_round, arrays, train_config, grid),
+                timeout=timeout)
+            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+            if new_arrays is not None:
+                arrays = new_arrays
+            set_weights(bundle, from_array_record(arrays))
+            bundle.step = server_round
+            save_checkpoint(bundle, run_dir / "checkpoints" /
+                            f"global-round-{server_round:04d}.pt")
+            eval_metrics = None
+            if int(fl["evaluate_max_studies"]) > 0:
+                eval_replies = grid.send_and_receive(
+                    strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+                    timeout=timeout)
+                eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
+            record = {
+                "round": server_round, "seconds": time.perf_counter() - started,
+                "train": dict(train_metrics or {}), "evaluate": dict(eval_metrics or {}),
+                "sites": checked.last_train.accepted, "rejected": checked.last_train.rejected,
+                "failed": checked.last_train.failed,
+                "per_site": {site: {**m, **checked.last_evaluate.metrics.get(site, {})}
+                             for site, m in checked.last_train.metrics.items()},
+                "update_bytes": int(arrays.count_bytes()),
+            }
+            with (run_dir / "metrics.jsonl").open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            log.info("round %d/%d done in %.1f s: sites %s, %s", server_round, fl["rounds"],
+                     record["seconds"], record["sites"], ", ".join(
+                         f"{k}={v:.4g}" for k, v in {**record["train"],
+                                                       **record["evaluate"]}.items()))
+            if tracker is not None:
+                tracker.log({"round": server_round, **record["train"], **record["evaluate"],
+                             "sites_accepted": len(record["sites"])}, step=server_round)
+    finally:
+        if tracker is not None:
+            tracker.finish()
+    return from_array_record(arrays)

@@ -1,0 +1,211 @@
+"""``fed-ndif simulate``: synthetic sites + a Flower simulation of the federation, one run folder.
+
+The federation runs through ``flwr run`` against a SuperLink in simulation mode that this module
+starts on 127.0.0.1 (free ports, no runtime ``uv sync``, its own FLWR_HOME inside the run folder)
+and stops by its process id: the same ServerApp and ClientApps as a real deployment, on Flower's
+simulation engine (Ray), one virtual node per site.
+
+Run folder: ``sites/`` (made when missing), ``federated/`` (global checkpoints, metrics.jsonl,
+wandb), ``config.yaml`` (the exact composed config), ``run_config.toml`` (what Flower got),
+``logs/`` (SuperLink and ``flwr run`` output).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+from omegaconf import DictConfig, OmegaConf
+
+import fed_ndif
+from fed_ndif.config import load_config
+from fed_ndif.data.sites import SITE_CONFIG_KEYS, write_sites
+from fed_ndif.errors import FedNdifError
+from fed_ndif.run_config import pyproject_app_config
+
+log = logging.getLogger(__name__)
+
+FEDERATED_KEYS = ("model", "diffusion", "train", "data", "fl", "logger", "run_dir")
+SUPERLINK_START_TIMEOUT_S = 60.0
+PROCESS_TAG = "FED_NDIF_PROCESS_TAG"
+
+
+def project_root() -> Path:
+    """The Flower app folder (pyproject.toml with [tool.flwr.app]) this package came from."""
+    root = Path(fed_ndif.__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        raise FedNdifError("fed-ndif simulate needs the source tree (pyproject.toml beside "
+                           "fed_ndif/); install fed-ndif with `pip install -e .`")
+    return root
+
+
+def federated_config(cfg: DictConfig, *, sites_dir: Path, run_dir: Path) -> dict[str, Any]:
+    """The federated part of a simulate config, pointed at the run folder's sites."""
+    fed = OmegaConf.to_container(cfg, resolve=True)
+    fed = {key: fed[key] for key in FEDERATED_KEYS}
+    sites = list(cfg.sites.keys())
+    fed["run_dir"] = str(run_dir)
+    fed["data"]["root"] = str(sites_dir)
+    fed["data"]["sites"] = sites
+    fed["fl"]["min_sites"] = len(sites)
+    return fed
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, log_file: Path) -> None:
+    deadline = time.monotonic() + SUPERLINK_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise FedNdifError(f"the local SuperLink exited with code {process.returncode}; "
+                               f"see {log_file}")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise FedNdifError(f"the local SuperLink did not start within "
+                       f"{SUPERLINK_START_TIMEOUT_S:.0f} s; see {log_file}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Stop a process group we started, by its id: SIGTERM, then SIGKILL."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@contextlib.contextmanager
+def local_superlink(flwr_home: Path, logs: Path) -> Iterator[str]:
+    """A SuperLink in simulation mode on a free loopback port; yields its address."""
+    # Flower 1.42 serves the Control, Fleet and Runtime APIs on one HTTP port.
+    port = _free_port()
+    logs.mkdir(parents=True, exist_ok=True)
+    log_file = logs / "superlink.log"
+    command = [
+        "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
+        "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+        "--port", str(port), "--database", str(flwr_home / "state.db"),
+    ]
+    # Every process the SuperLink spawns (SuperExec, simulation, Ray workers) inherits this
+    # tag, so the ones that outlive it can be found and stopped too.
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
+           PROCESS_TAG: tag}
+    with log_file.open("ab") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        _wait_for_port(port, process, log_file)
+        yield f"127.0.0.1:{port}"
+    finally:
+        _stop(process)
+        _kill_tagged(tag)
+
+
+def _tagged(tag: str) -> list[int]:
+    """Live processes whose environment carries ``PROCESS_TAG=tag`` (Linux /proc)."""
+    needle = f"{PROCESS_TAG}={tag}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _kill_tagged(tag: str, *, timeout_s: float = 15.0) -> None:
+    """SIGKILL the tagged processes and wait until they are gone."""
+    deadline = time.monotonic() + timeout_s
+    while (pids := _tagged(tag)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    if pids:
+        log.warning("processes %s of the simulation did not stop", pids)
+
+
+def run_flower_simulation(fed: dict[str, Any], *, n_sites: int, cpus_per_site: float,
+                          gpus_per_site: float, work_dir: Path) -> None:
+    """``flwr run`` the fed-ndif app over ``n_sites`` virtual nodes with run config ``fed``."""
+    flwr_home = work_dir / ".flwr"
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    run_config = work_dir / "run_config.toml"
+    run_config.write_text(tomli_w.dumps(pyproject_app_config(fed)))
+    with local_superlink(flwr_home, work_dir / "logs") as address:
+        (flwr_home / "config.toml").write_text(tomli_w.dumps({"superlink": {
+            "default": "simulation",
+            "simulation": {"address": address, "insecure": True},
+        }}))
+        federation = (f"num-supernodes={n_sites} client-resources-num-cpus={cpus_per_site:g} "
+                      f"client-resources-num-gpus={gpus_per_site:g}")
+        command = ["flwr", "run", str(project_root()), "simulation", "--stream",
+                   "--run-config", str(run_config), "--federation-config", federation]
+        env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
+               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, int(
+                   cpus_per_site))))}
+        log.info("running %d simulated sites with Flower (logs in %s)", n_sites,
+                 work_dir / "logs")
+        with (work_dir / "logs" / "flwr-run.log").open("ab") as out:
+            process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                assert process.stdout is not None
+                for line in process.stdout:
+                    out.write(line)
+                    sys.stderr.buffer.write(line)
+                process.wait()
+            finally:
+                _stop(process)
+    if process.returncode != 0:
+        raise FedNdifError(f"the Flower run failed (exit {process.returncode}); see "
+                           f"{work_dir / 'logs' / 'flwr-run.log'}")
+
+
+def simulate(overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """Make the sites if missing, run the federation; return the run folder."""
+    cfg = load_config("simulate", overrides)
+    out_dir = Path(cfg.out_dir).resolve()
+    sites_dir = out_dir / "sites"
+    run_dir = out_dir / "federated"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    site_cfg = OmegaConf.create({key: cfg[key] for key in SITE_CONFIG_KEYS if key in cfg})
+    if sites_dir.exists():
+        made = OmegaConf.load(sites_dir / "config.yaml") if (
+            sites_dir / "config.yaml").is_file() else None
+        if made != site_cfg:
+            raise FedNdifError(f"{sites_dir} holds sites made with other settings; use a new "
+                               "out_dir or delete that folder")
+        log.info("using the existing sites in %s", sites_dir)
+    else:
+        write_sites(sites_dir, cfg)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    fed = federated_config(cfg, sites_dir=sites_dir, run_dir=run_dir)
+    run_flower_simulation(fed, n_sites=len(fed["data"]["sites"]),
+                          cpus_per_site=float(cfg.simulation.cpus_per_site),
+                          gpus_per_site=float(cfg.simulation.gpus_per_site), work_dir=out_dir)
+    log.info("federated run finished: global checkpoints in %s", run_dir / "checkpoints")
+    return out_dir

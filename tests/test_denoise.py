@@ -1,0 +1,318 @@
+"""``fed-ndif denoise``: end to end on synthetic DICOM and NIfTI studies, and hostile inputs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from fed_ndif.cli import main
+from fed_ndif.data.dicom import read_pet_series
+from fed_ndif.data.nifti import load_nifti
+from fed_ndif.data.nstd import measure_liver_nstd
+from fed_ndif.data.sites import make_sites
+from fed_ndif.models.denoise_volume import denoise_volume
+from fed_ndif.training.trainer import load_checkpoint, sampler_config, train_local
+
+
+def _tool(name: str) -> str:
+    """Path of a command-line tool; missing is a skip locally and a failure in CI."""
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{name} is not installed, and CI must run this check")
+        pytest.skip(f"{name} is not installed")
+    return found
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """Tiny synthetic sites with DICOM and a tiny diffusion checkpoint trained on site_a."""
+    root = tmp_path_factory.mktemp("denoise")
+    manifests = make_sites(root / "sites", overrides=[
+        "sites=tiny", "write_dicom=true", "sites.site_b.subjects=1", "sites.site_c.subjects=1"])
+    train_local(manifests[0], root / "train", overrides=[
+        "model=tiny", "train.steps=4", "train.batch_size=2", "train.val_every=0",
+        "train.val_max_studies=1", "train.device=cpu"])
+    subject = root / "sites" / "site_a" / "sub-003"
+    return {"ckpt": root / "train" / "last.pt", "subject": subject,
+            "dicom": subject / "dicom" / "low_count_5pct",
+            "nifti": subject / "low_count_5pct.nii.gz", "mask": subject / "liver_mask.nii.gz"}
+
+
+def _run(argv: list[str], capsys) -> tuple[int, list[str]]:
+    code = main(["denoise", *argv])
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.startswith("fed-ndif denoise:")]
+
+
+def _quantization_bound(array: np.ndarray) -> np.ndarray:
+    """Half a quantization step per slice (slope = max|slice| / 32767), plus float32 slack."""
+    peak = np.abs(array).reshape(array.shape[0], -1).max(axis=1)
+    return (peak / 32767 * 0.5 + 1e-5 * peak + 1e-6)[:, None, None]
+
+
+def _direct(trained, volume, *, steps: int, samples: int, seed: int = 0):
+    """denoise_volume called directly, as the command should call it."""
+    bundle = load_checkpoint(trained["ckpt"], device="cpu")
+    nstd, _ = measure_liver_nstd(volume, load_nifti(trained["mask"]).array > 0)
+    return denoise_volume(bundle.ema.model, volume.array, nstd=nstd,
+                          normalization=bundle.normalization, k=bundle.k, process=bundle.process,
+                          sampler=sampler_config(bundle.cfg, steps=steps, samples=samples),
+                          device="cpu", seed=seed, progress=False)
+
+
+@pytest.fixture(scope="module")
+def dicom_run(trained, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dicom_out") / "out"
+    code = main(["denoise", str(trained["dicom"]), str(out), "--checkpoint", str(trained["ckpt"]),
+                 "--format", "both", "--steps", "3", "--samples", "2", "--uncertainty",
+                 "--liver-mask", str(trained["mask"]), "--device", "cpu"])
+    assert code == 0
+    return out
+
+
+def test_dicom_output_layout_and_values(trained, dicom_run):
+    out = dicom_run
+    assert sorted(p.name for p in out.iterdir()) == [
+        "denoised", "denoised.nii.gz", "uncertainty", "uncertainty.nii.gz"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no staging left
+    source, source_info = read_pet_series(trained["dicom"])
+    denoised, info = read_pet_series(out / "denoised")
+    nifti = load_nifti(out / "denoised.nii.gz")
+    np.testing.assert_allclose(denoised.affine, source.affine, atol=1e-6)
+    np.testing.assert_allclose(nifti.affine, source.affine, atol=1e-6)
+    assert np.all(np.abs(denoised.array - nifti.array) <= _quantization_bound(nifti.array))
+    mean, std = _direct(trained, source, steps=3, samples=2)
+    np.testing.assert_allclose(nifti.array, mean, atol=1e-5)
+    assert not np.allclose(nifti.array, source.array, atol=1e-3)  # the model changed something
+    spread, _ = read_pet_series(out / "uncertainty")
+    np.testing.assert_allclose(load_nifti(out / "uncertainty.nii.gz").array, std, atol=1e-5)
+    assert np.all(np.abs(spread.array - std) <= _quantization_bound(std))
+    assert std.min() >= 0 and std.max() > 0
+    # Same study and frame of reference, new series and instances, DERIVED, says what made it.
+    assert info.study_uid == source_info.study_uid
+    assert info.frame_of_reference_uid == source_info.frame_of_reference_uid
+    assert info.series_uid != source_info.series_uid
+    assert not set(info.sop_instance_uids) & set(source_info.sop_instance_uids)
+    header = pydicom.dcmread(next((out / "denoised").iterdir()), stop_before_pixels=True)
+    assert list(header.ImageType)[:2] == ["DERIVED", "PRIMARY"]
+    assert "fed-ndif" in header.SeriesDescription and "3x2" in header.SeriesDescription
+    assert "last.pt" in header.DerivationDescription
+    assert "3 steps x 2 samples" in header.DerivationDescription
+    numbers = {int(pydicom.dcmread(next((out / s).iterdir()), stop_before_pixels=True)
+                   .SeriesNumber) for s in ("denoised", "uncertainty")}
+    assert len(numbers) == 2
+
+
+def test_dicom_output_passes_dciodvfy(dicom_run):
+    tool = _tool("dciodvfy")
+    problems = []
+    for series in ("denoised", "uncertainty"):
+        for path in sorted((dicom_run / series).iterdir()):
+            run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+            problems += [f"{path.name}: {line}" for line in (run.stdout + run.stderr).splitlines()
+                         if line.startswith("Error")]
+    assert problems == []
+
+
+def test_dcm2niix_converts_to_the_input_geometry(trained, dicom_run, tmp_path):
+    tool = _tool("dcm2niix")
+    subprocess.run([tool, "-z", "y", "-b", "n", "-f", "converted", "-o", str(tmp_path),
+                    str(dicom_run / "denoised")], check=True, capture_output=True, timeout=120)
+    (path,) = tmp_path.glob("converted*.nii.gz")
+    converted = nib.as_closest_canonical(nib.load(path))
+    source = nib.as_closest_canonical(nib.load(trained["nifti"]))
+    np.testing.assert_allclose(converted.affine, source.affine, atol=1e-3)
+    assert converted.shape == source.shape
+    ours = nib.as_closest_canonical(nib.load(dicom_run / "denoised.nii.gz"))
+    _, info = read_pet_series(dicom_run / "denoised")
+    theirs = np.asarray(converted.dataobj, np.float64) * info.suv_factor  # dcm2niix keeps Bq/ml
+    expected = np.asarray(ours.dataobj, np.float64)
+    np.testing.assert_allclose(theirs, expected, atol=np.abs(expected).max() / 32767 + 1e-4)
+
+
+def test_nifti_input_gives_nifti_output(trained, tmp_path, capsys):
+    out = tmp_path / "den.nii.gz"
+    code, errors = _run([str(trained["nifti"]), str(out), "--checkpoint", str(trained["ckpt"]),
+                         "--steps", "2", "--samples", "2", "--uncertainty", "--seed", "3",
+                         "--liver-mask", str(trained["mask"])], capsys)
+    assert code == 0 and errors == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["den.nii.gz", "den_uncertainty.nii.gz"]
+    source = load_nifti(trained["nifti"])
+    result = load_nifti(out)
+    np.testing.assert_allclose(result.affine, source.affine, atol=1e-6)
+    mean, std = _direct(trained, source, steps=2, samples=2, seed=3)
+    np.testing.assert_allclose(result.array, mean, atol=1e-5)
+    np.testing.assert_allclose(load_nifti(tmp_path / "den_uncertainty.nii.gz").array, std,
+                               atol=1e-5)
+
+
+def test_dicom_default_format_and_overwrite(trained, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = [str(trained["dicom"]), str(out), "--checkpoint", str(trained["ckpt"]), "--steps", "1",
+            "--liver-mask", str(trained["mask"])]
+    assert _run(argv, capsys) == (0, [])
+    assert [p.name for p in out.iterdir()] == ["denoised"]
+    first = sorted(p.name for p in (out / "denoised").iterdir())
+    code, errors = _run(argv, capsys)
+    assert code == 2 and len(errors) == 1 and "exists" in errors[0]
+    assert _run([*argv, "--overwrite", "--seed", "1"], capsys) == (0, [])
+    assert sorted(p.name for p in (out / "denoised").iterdir()) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing else left
+
+
+def _forged(trained, tmp_path: Path, change) -> Path:
+    ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
+    change(ckpt)
+    path = tmp_path / "forged.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def _hostile(case: str, trained, tmp_path: Path) -> tuple[list[str], str]:
+    """Arguments of one bad run (checkpoint files live in tmp_path/inputs) and the message."""
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    ckpt = str(trained["ckpt"])
+    out = str(tmp_path / "work" / "out")
+    base = [str(trained["dicom"]), out, "--liver-mask", str(trained["mask"])]
+    if case == "wrong_k":
+        def set_k(c):
+            c["config"]["model"]["k"] = 1
+        return [*base, "--checkpoint", str(_forged(trained, inputs, set_k))], "do not fit"
+    if case == "no_normalization":
+        return ([*base, "--checkpoint", str(_forged(trained, inputs,
+                                                    lambda c: c.pop("normalization")))],
+                "normalization")
+    if case == "corrupt":
+        path = inputs / "corrupt.pt"
+        path.write_bytes(trained["ckpt"].read_bytes()[:5000])
+        return [*base, "--checkpoint", str(path)], "not a readable fed-ndif checkpoint"
+    if case == "not_a_checkpoint":
+        path = inputs / "other.pt"
+        torch.save({"state_dict": {"w": torch.zeros(3)}}, path)
+        return [*base, "--checkpoint", str(path)], "not a fed-ndif checkpoint"
+    if case == "code_in_pickle":
+        path = inputs / "evil.pt"
+        path.write_bytes(pickle.dumps({"kind": _Exploit()}, protocol=2))
+        return [*base, "--checkpoint", str(path)], "not a readable fed-ndif checkpoint"
+    if case == "missing_checkpoint":
+        return [*base, "--checkpoint", str(inputs / "nope.pt")], "no such checkpoint"
+    if case == "output_inside_input":
+        return ([str(trained["dicom"]), str(trained["dicom"] / "den"), "--checkpoint", ckpt],
+                "inside the input")
+    if case == "output_is_input":
+        return ([str(trained["nifti"]), str(trained["nifti"]), "--checkpoint", ckpt,
+                 "--overwrite"], "replace the input")
+    if case == "output_contains_input":
+        return ([str(trained["dicom"]), str(trained["subject"]), "--checkpoint", ckpt,
+                 "--overwrite"], "replace the input")
+    if case == "existing_output":
+        (tmp_path / "work" / "out").mkdir()
+        (tmp_path / "work" / "out" / "keep.txt").write_text("keep")
+        return [*base, "--checkpoint", ckpt], "exists"
+    if case == "unwritable_output":
+        if os.geteuid() == 0:  # root writes through chmod: use a path under a regular file
+            (tmp_path / "work" / "file").write_text("a file")
+            bad = [str(trained["dicom"]), str(tmp_path / "work" / "file" / "out")]
+            return [*bad, "--checkpoint", ckpt], "not a folder"
+        locked = tmp_path / "work" / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        return ([str(trained["dicom"]), str(locked / "out"), "--checkpoint", ckpt],
+                "not writable")
+    if case == "nifti_to_dicom":
+        return ([str(trained["nifti"]), out, "--checkpoint", ckpt, "--format", "dicom"],
+                "--format nifti")
+    if case == "uncertainty_one_sample":
+        return [*base, "--checkpoint", ckpt, "--uncertainty", "--samples", "1"], "--samples 2"
+    if case == "no_liver_found":  # tiny 8 mm voxels: the automatic VOI cannot find the liver
+        return [str(trained["dicom"]), out, "--checkpoint", ckpt], "pass a liver mask"
+    if case == "mask_on_other_grid":
+        other = trained["subject"].parent.parent / "site_b" / "sub-001" / "liver_mask.nii.gz"
+        return ([str(trained["dicom"]), out, "--checkpoint", ckpt, "--liver-mask", str(other)],
+                "liver mask shape")
+    if case == "cuda_without_gpu":
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is present")
+        return [*base, "--checkpoint", ckpt, "--device", "cuda"], "no CUDA device"
+    raise AssertionError(case)
+
+
+CASES = ["wrong_k", "no_normalization", "corrupt", "not_a_checkpoint", "code_in_pickle",
+         "missing_checkpoint", "output_inside_input", "output_is_input", "output_contains_input",
+         "existing_output", "unwritable_output", "nifti_to_dicom", "uncertainty_one_sample",
+         "no_liver_found", "mask_on_other_grid", "cuda_without_gpu"]
+
+
+def _listing(*folders: Path) -> list[tuple[str, int]]:
+    return [(str(p), p.stat().st_size if p.is_file() else -1)
+            for folder in folders for p in sorted(folder.rglob("*"))]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_clear_error_and_writes_nothing(case, trained, tmp_path, capsys,
+                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "work").mkdir()
+    argv, message = _hostile(case, trained, tmp_path)
+    before = _listing(tmp_path, trained["subject"])
+    try:
+        code, errors = _run(argv, capsys)
+    finally:
+        if (tmp_path / "work" / "locked").exists():
+            (tmp_path / "work" / "locked").chmod(0o700)
+    assert code == 2
+    assert len(errors) == 1 and message in errors[0], errors
+    assert "Traceback" not in errors[0]
+    assert _listing(tmp_path, trained["subject"]) == before
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_interrupted_run_leaves_nothing(existing, trained, tmp_path, capsys, monkeypatch):
+    import fed_ndif.inference as inference
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # After sampling and after the DICOM series is written into the staging folder.
+    monkeypatch.setattr(inference, "save_nifti", interrupt)
+    out = tmp_path / "new" / "out"  # the missing parent folder is created, then removed
+    if existing:
+        out.mkdir(parents=True)
+        (out / "keep.txt").write_text("old output")
+    before = _listing(tmp_path)
+    code = main(["denoise", str(trained["dicom"]), str(out), "--checkpoint", str(trained["ckpt"]),
+                 "--format", "both", "--steps", "1", "--liver-mask", str(trained["mask"]),
+                 *(["--overwrite"] if existing else [])])
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if line.startswith("fed-ndif denoise:")]
+    assert code == 130 and len(err) == 1 and "interrupted" in err[0]
+    assert _listing(tmp_path) == before
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["denoise", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--checkpoint", "--steps", "--samples", "--uncertainty", "--format",
+                   "--liver-mask", "--device", "--precision", "--overwrite", "--weight", "--dose",
+                   "--series-uid", "--seed", "--batch-size"):
+        assert option in text
+    assert text.count("\n  --") >= 14

@@ -1,0 +1,209 @@
+"""FedAvg federation over the real ServerApp and ClientApp, driven in-process (no Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fed_ndif.client.app import app as client_app
+from fed_ndif.config import load_config
+from fed_ndif.data.sites import make_sites
+from fed_ndif.run_config import from_array_record, from_run_config, to_array_record, to_run_config
+from fed_ndif.server.app import app as server_app
+from fed_ndif.server.federation import latest_checkpoint
+from fed_ndif.training.trainer import read_checkpoint
+from tests.helpers.inprocess_grid import InProcessGrid
+
+SITES = ["site_a", "site_b", "site_c"]
+
+
+@pytest.fixture(scope="module")
+def sites_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fed") / "sites"
+    make_sites(root, overrides=["sites=tiny"])
+    return root
+
+
+def _run_config(sites_root: Path, run_dir: Path, *extra: str) -> dict:
+    cfg = load_config("federated", [
+        "model=tiny", "fl.rounds=2", "fl.local_steps=2", "train.batch_size=4",
+        "fl.evaluate_max_studies=0", f"data.root={sites_root}", f"data.sites=[{','.join(SITES)}]",
+        f"run_dir={run_dir}", "logger.wandb_mode=disabled", *extra])
+    return to_run_config(cfg)
+
+
+class RecordingGrid(InProcessGrid):
+    """Keeps every train reply so a test can recompute the average by hand."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.train_replies: dict[int, list[Message]] = {}
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = super().push_messages(messages)
+        for message, message_id in zip(messages, ids, strict=True):
+            if message.metadata.message_type == "train":
+                server_round = int(message.content["config"]["server-round"])
+                self.train_replies.setdefault(server_round, []).append(self._replies[message_id])
+        return ids
+
+
+def _federate(run_config: dict, *, app: ClientApp = client_app, grid_cls=InProcessGrid,
+              fail=None) -> InProcessGrid:
+    nodes = {11 + i: {"partition-id": i, "num-partitions": len(SITES)} for i in range(len(SITES))}
+    grid = grid_cls(app, nodes, run_config=run_config, fail=fail)
+    server_app(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(),
+                             run_config=run_config))
+    return grid
+
+
+def _global(run_dir: Path, server_round: int) -> dict[str, np.ndarray]:
+    ckpt = read_checkpoint(run_dir / "checkpoints" / f"global-round-{server_round:04d}.pt")
+    return {k: v.numpy() for k, v in ckpt["model"].items()}
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_config_round_trips_the_hydra_config(sites_root, tmp_path):
+    flat = _run_config(sites_root, tmp_path)
+    assert all(isinstance(v, bool | int | float | str) for v in flat.values())
+    nested = from_run_config(flat)
+    assert nested["data"]["sites"] == SITES and nested["fl"]["rounds"] == 2
+    assert nested["diffusion"]["sampler"]["t_start"] is None
+    assert to_run_config(nested) == flat
+
+
+def test_global_model_is_the_example_weighted_mean_of_site_updates(sites_root, tmp_path):
+    run_dir = tmp_path / "run"
+    grid = _federate(_run_config(sites_root, run_dir), grid_cls=RecordingGrid)
+    for server_round in (1, 2):
+        replies = grid.train_replies[server_round]
+        assert len(replies) == 3
+        weights = [float(r.content["metrics"]["num-examples"]) for r in replies]
+        assert len(set(weights)) > 1  # sites differ in size, so weighting matters
+        updates = [from_array_record(r.content["arrays"]) for r in replies]
+        expected_loss = sum(float(r.content["metrics"]["train_loss"]) * w
+                            for r, w in zip(replies, weights, strict=True)) / sum(weights)
+        global_weights = _global(run_dir, server_round)
+        for name, value in global_weights.items():
+            by_hand = sum(u[name].astype(np.float64) * w
+                          for u, w in zip(updates, weights, strict=True)) / sum(weights)
+            np.testing.assert_allclose(value, by_hand.astype(value.dtype), rtol=1e-6, atol=1e-7,
+                                       err_msg=name)
+        record = _rounds(run_dir)[server_round - 1]
+        assert record["sites"] == SITES and record["rejected"] == {} and record["failed"] == {}
+        assert record["train"]["train_loss"] == pytest.approx(expected_loss, rel=1e-9)
+    # Round 2 started from round 1's average: the sites' updates differ from round 1's.
+    assert not np.array_equal(_global(run_dir, 1)[name], _global(run_dir, 2)[name])
+
+
+def test_a_site_that_fails_mid_round_is_left_out_and_named(sites_root, tmp_path):
+    run_dir = tmp_path / "run"
+
+    def fail(node_id: int, message: Message):
+        round_ = int(message.content["config"]["server-round"])
+        if node_id == 12 and round_ == 2 and message.metadata.message_type == "train":
+            return RuntimeError("GPU fell off the bus")
+        return None
+
+    _federate(_run_config(sites_root, run_dir), fail=fail)
+    first, second = _rounds(run_dir)
+    assert first["sites"] == SITES
+    assert second["sites"] == ["site_a", "site_c"]
+    assert "site_b" in second["failed"] and "GPU fell off the bus" in second["failed"]["site_b"]
+    assert latest_checkpoint(run_dir)[0] == 2
+
+
+def _hostile_app(corrupt) -> ClientApp:
+    """The real ClientApp, except that site_b's update is corrupted by ``corrupt``."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg, context):
+        reply = client_app(msg, context)
+        if int(context.node_config["partition-id"]) == 1:
+            arrays = from_array_record(reply.content["arrays"])
+            reply.content["arrays"] = to_array_record(corrupt(arrays))
+        return reply
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "reason"),
+    [
+        (lambda a: {**a, next(iter(a)): np.full_like(next(iter(a.values())), np.nan)},
+         "NaN or infinite"),
+        (lambda a: {**a, next(iter(a)): np.zeros((3, 3), np.float32)}, "has shape"),
+        (lambda a: {k: v.astype(np.float64) for k, v in a.items()}, "dtype"),
+        (lambda a: dict(list(a.items())[1:]), "missing"),
+    ],
+    ids=["nan", "shape", "dtype", "missing-parameter"],
+)
+def test_bad_updates_are_rejected_named_and_not_averaged(sites_root, tmp_path, corrupt, reason):
+    run_dir = tmp_path / "run"
+    grid = _federate(_run_config(sites_root, run_dir, "fl.rounds=1"),
+                     app=_hostile_app(corrupt), grid_cls=RecordingGrid)
+    (record,) = _rounds(run_dir)
+    assert record["sites"] == ["site_a", "site_c"]
+    assert reason in record["rejected"]["site_b"]
+    good = [r for r in grid.train_replies[1] if r.content["site"]["name"] != "site_b"]
+    weights = [float(r.content["metrics"]["num-examples"]) for r in good]
+    updates = [from_array_record(r.content["arrays"]) for r in good]
+    for name, value in _global(run_dir, 1).items():
+        assert np.all(np.isfinite(value))
+        by_hand = sum(u[name].astype(np.float64) * w
+                      for u, w in zip(updates, weights, strict=True)) / sum(weights)
+        np.testing.assert_allclose(value, by_hand.astype(value.dtype), rtol=1e-6, atol=1e-7)
+
+
+def test_restart_after_round_one_ends_with_the_uninterrupted_weights(sites_root, tmp_path):
+    torch.set_num_threads(1)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _federate(_run_config(sites_root, straight))
+    _federate(_run_config(sites_root, resumed, "fl.rounds=1"))  # the coordinator stops here
+    assert latest_checkpoint(resumed)[0] == 1
+    grid = _federate(_run_config(sites_root, resumed))  # restarted with the same run_dir
+    assert {t for _, t in grid.calls} == {"train"} and len(grid.calls) == 3  # only round 2 ran
+    assert [r["round"] for r in _rounds(resumed)] == [1, 2]
+    final_a, final_b = _global(straight, 2), _global(resumed, 2)
+    for name in final_a:
+        np.testing.assert_array_equal(final_a[name], final_b[name], err_msg=name)
+
+
+def test_resume_with_a_different_model_is_refused(sites_root, tmp_path, caplog):
+    run_dir = tmp_path / "run"
+    _federate(_run_config(sites_root, run_dir, "fl.rounds=1"))
+    with pytest.raises(Exception, match="model settings differ"):
+        _federate(_run_config(sites_root, run_dir, "model.k=1"))
+
+
+def test_validation_metrics_are_aggregated_by_examples(sites_root, tmp_path):
+    run_dir = tmp_path / "run"
+    _federate(_run_config(sites_root, run_dir, "fl.rounds=1", "fl.evaluate_max_studies=1",
+                          "diffusion.sampler.steps=2"))
+    (record,) = _rounds(run_dir)
+    for key in ("val_psnr", "val_ssim", "val_nmse", "val_input_psnr"):
+        assert np.isfinite(record["evaluate"][key])
+    assert 0 < record["evaluate"]["val_ssim"] <= 1
+
+
+def test_server_side_differential_privacy_clips_and_adds_noise(sites_root, tmp_path):
+    plain, private = tmp_path / "plain", tmp_path / "private"
+    _federate(_run_config(sites_root, plain, "fl.rounds=1"))
+    _federate(_run_config(sites_root, private, "fl.rounds=1", "fl.dp.enabled=true",
+                          "fl.dp.noise_multiplier=0.5", "fl.dp.clipping_norm=1.0"))
+    a, b = _global(plain, 1), _global(private, 1)
+    assert all(np.all(np.isfinite(v)) for v in b.values())
+    assert any(not np.allclose(a[name], b[name]) for name in a)
+    (record,) = _rounds(private)
+    assert record["sites"] == SITES

@@ -1,0 +1,139 @@
+"""Single-site trainer: seeds, checkpoints (round trip, exact resume, wrong k), weights API,
+evaluation and the train-local command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fed_ndif.cli import main
+from fed_ndif.data.dataset import Normalization, SliceStackDataset
+from fed_ndif.errors import FedNdifError
+from fed_ndif.training.trainer import (
+    build_bundle,
+    evaluate,
+    get_weights,
+    load_checkpoint,
+    make_train_batches,
+    save_checkpoint,
+    set_weights,
+    train_steps,
+)
+from tests.helpers.models import tiny_cfg
+from tests.helpers.synthetic import write_site
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    # 24x24 (FOV 400 mm, coarse) keeps every training step a few milliseconds.
+    return write_site(tmp_path_factory.mktemp("site"), splits=("train", "train", "val"),
+                      levels=(0.1,), matrix=24, slices=8)
+
+
+@pytest.fixture(scope="module")
+def train_set(site):
+    return SliceStackDataset(site, split="train", k=1, normalization=Normalization())
+
+
+@pytest.mark.parametrize("kind", ["diffusion", "unet"])
+def test_seeds_give_identical_runs(train_set, kind):
+    runs = []
+    for _ in range(2):
+        bundle = build_bundle(tiny_cfg(kind=kind))
+        metrics = train_steps(bundle, make_train_batches(bundle, train_set), 3)
+        runs.append((metrics["last_loss"], get_weights(bundle)))
+    assert runs[0][0] == runs[1][0]
+    for name, value in runs[0][1].items():
+        np.testing.assert_array_equal(value, runs[1][1][name])
+
+
+def test_checkpoint_round_trip_and_exact_resume(train_set, tmp_path):
+    bundle = build_bundle(tiny_cfg())
+    train_steps(bundle, make_train_batches(bundle, train_set), 3)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(bundle, path)
+    assert not list(tmp_path.glob(".tmp-*"))  # atomic write leaves no temporary file
+    raw = torch.load(path, weights_only=True)
+    assert raw["step"] == 3 and raw["schema_version"] == 1 and raw["package_version"]
+    assert raw["normalization"] == Normalization().to_dict()
+    assert set(raw) >= {"model", "ema", "optimizer", "config"}
+
+    expected = train_steps(bundle, make_train_batches(bundle, train_set), 1)["last_loss"]
+    restored = load_checkpoint(path, device="cpu")
+    assert restored.step == 3 and restored.normalization == bundle.normalization
+    resumed = train_steps(restored, make_train_batches(restored, train_set), 1)["last_loss"]
+    assert resumed == expected
+    for name, value in get_weights(bundle).items():
+        np.testing.assert_array_equal(value, get_weights(restored)[name])
+    for name, value in get_weights(bundle, ema=True).items():
+        np.testing.assert_array_equal(value, get_weights(restored, ema=True)[name])
+
+
+def test_checkpoint_with_wrong_channel_count_is_a_clear_error(tmp_path):
+    bundle = build_bundle(tiny_cfg(k=1))
+    path = tmp_path / "k1.pt"
+    save_checkpoint(bundle, path)
+    with pytest.raises(FedNdifError, match=r"k=1 \(3 low-count slices\).*k=2"):
+        load_checkpoint(path, expect_k=2)
+    raw = torch.load(path, weights_only=True)
+    raw["config"]["model"]["k"] = 2  # config says 5 slices, weights hold 3
+    torch.save(raw, tmp_path / "lying.pt")
+    with pytest.raises(FedNdifError, match=r"lying\.pt.*k=2 \(5 low-count slices\)"):
+        load_checkpoint(tmp_path / "lying.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(FedNdifError, match=r"junk\.pt"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_get_set_weights(train_set):
+    a, b = build_bundle(tiny_cfg()), build_bundle({**tiny_cfg(), "train": {
+        **tiny_cfg()["train"], "seed": 1}})
+    weights = get_weights(a)
+    assert all(isinstance(v, np.ndarray) for v in weights.values())
+    set_weights(b, weights)
+    for name, value in get_weights(b, ema=True).items():
+        np.testing.assert_array_equal(value, weights[name])
+    name = next(iter(weights))
+    with pytest.raises(FedNdifError, match=name):
+        set_weights(b, {**weights, name: np.zeros((1, 2, 3), np.float32)})
+    with pytest.raises(FedNdifError, match="missing"):
+        set_weights(b, {})
+
+
+def test_evaluate_reports_volume_metrics(site):
+    bundle = build_bundle(tiny_cfg())
+    val = SliceStackDataset(site, split="val", k=1, normalization=bundle.normalization)
+    metrics = evaluate(bundle, val)
+    assert {"psnr", "ssim", "nmse", "input_psnr", "num-examples"} <= set(metrics)
+    assert metrics["num-examples"] == 1 and np.isfinite(metrics["psnr"])
+
+
+@pytest.mark.slow
+def test_train_local_command_trains_resumes_and_refuses_to_overwrite(site, tmp_path, capsys):
+    out = tmp_path / "run"
+
+    def args(steps: int, *extra: str) -> list[str]:
+        return ["train-local", str(site), str(out), "model=tiny", "model.k=1",
+                "model.diffusion_net.channels=[8,16,16]",
+                "model.diffusion_net.num_head_channels=8", "model.diffusion_net.norm_num_groups=4",
+                f"train.steps={steps}", "train.batch_size=2", "train.log_every=2",
+                "train.val_every=4", "diffusion.sampler.steps=2", "train.device=cpu", *extra]
+
+    assert main(args(4)) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4] and "val_psnr" in records[-1]
+    assert load_checkpoint(out / "last.pt").step == 4
+    assert main(args(4)) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(args(6, "--resume")) == 0
+    assert load_checkpoint(out / "last.pt").step == 6
+    assert main(args(8, "model.k=2", "--resume")) == 2
+    assert "model settings differ" in capsys.readouterr().err
