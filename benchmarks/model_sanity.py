@@ -22,13 +22,13 @@ from fed_ndif.config import load_config
 from fed_ndif.data.dataset import SliceStackDataset
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.nstd import liver_nstd
+from fed_ndif.evaluation.metrics import volume_metrics
 from fed_ndif.models.denoise_volume import denoise_volume
 from fed_ndif.training.trainer import (
     build_bundle,
     make_train_batches,
     sampler_config,
     train_steps,
-    volume_metrics,
 )
 
 log = logging.getLogger("sanity")

@@ -22,12 +22,11 @@ from torch.utils.data import Dataset
 
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.nstd import liver_nstd
+from fed_ndif.data.sites import MANIFEST_COLUMNS
 from fed_ndif.errors import FedNdifError
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ("subject", "count_level", "low_count", "full_count", "liver_mask",
-                    "lesion_mask", "split")
 SPLITS = ("train", "val", "test")
 
 

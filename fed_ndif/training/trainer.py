@@ -27,13 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from skimage.metrics import structural_similarity
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 import fed_ndif
 from fed_ndif.data.dataset import Normalization, SliceStackDataset
 from fed_ndif.errors import FedNdifError
+from fed_ndif.evaluation.metrics import volume_metrics
 from fed_ndif.models.denoise_volume import denoise_volume, resolve_device
 from fed_ndif.models.diffusion import EMA, DiffusionConfig, DiffusionProcess
 from fed_ndif.models.networks import build_model
@@ -197,17 +197,6 @@ def train_steps(bundle: ModelBundle, batches: Iterator[dict[str, torch.Tensor]],
     return {"loss": float(np.mean(losses)) if losses else float("nan"),
             "last_loss": losses[-1] if losses else float("nan"), "steps": float(steps),
             "num-examples": float(examples), "seconds": time.perf_counter() - start}
-
-
-def volume_metrics(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    """PSNR, SSIM (3D, skimage) and NMSE in SUV; data range = max of the reference volume."""
-    data_range = float(ref.max() - min(ref.min(), 0.0)) or 1.0
-    mse = float(np.mean((pred.astype(np.float64) - ref) ** 2))
-    psnr = 10 * math.log10(data_range**2 / mse) if mse > 0 else float("inf")
-    win = min(7, *(d if d % 2 else d - 1 for d in ref.shape))
-    ssim = float(structural_similarity(ref, pred, data_range=data_range, win_size=win))
-    nmse = mse / max(float(np.mean(ref.astype(np.float64) ** 2)), 1e-12)
-    return {"psnr": psnr, "ssim": ssim, "nmse": nmse}
 
 
 def evaluate(bundle: ModelBundle, dataset: SliceStackDataset, *, use_ema: bool = True,

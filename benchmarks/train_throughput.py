@@ -1,0 +1,88 @@
+"""CPU training throughput: slice stacks per second (forward + backward + AdamW step + EMA).
+
+Uses the trainer's own ``train_step`` (the exact code ``fed-ndif train-local`` runs) on random
+batches of the right shape (2k+1 low-count slices, one full-count slice, an NSTD), so no data
+loading is timed. One thread by default (the machine is shared).
+
+    OMP_NUM_THREADS=1 python benchmarks/train_throughput.py --sizes 64 128 --kinds diffusion unet
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import numpy as np
+import torch
+
+from fed_ndif.config import load_config
+from fed_ndif.models.networks import count_parameters
+from fed_ndif.training.trainer import build_bundle, train_step
+
+
+def measure(kind: str, size: int, *, model: str, batch: int, warmup: int, steps: int,
+            repeats: int, seed: int) -> dict:
+    cfg = load_config("train_local", [f"model={model}", f"model.kind={kind}", "train.device=cpu",
+                                      f"train.batch_size={batch}", f"train.seed={seed}"])
+    bundle = build_bundle(cfg)
+    k = bundle.k
+    g = torch.Generator().manual_seed(seed)
+    batch_data = {"low": torch.rand(batch, 2 * k + 1, size, size, generator=g) * 0.5,
+                  "full": torch.rand(batch, 1, size, size, generator=g) * 0.5,
+                  "nstd": torch.full((batch,), 0.3)}
+    for _ in range(warmup):
+        train_step(bundle, batch_data)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            train_step(bundle, batch_data)
+        rates.append(steps * batch / (time.perf_counter() - start))
+    return {"kind": kind, "size": size, "model": model, "params": count_parameters(bundle.model),
+            "batch": batch, "steps_timed": steps * repeats,
+            "stacks_per_s_median": float(np.median(rates)),
+            "stacks_per_s_min": float(np.min(rates)), "stacks_per_s_max": float(np.max(rates)),
+            "s_per_step": float(batch / np.median(rates))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--kinds", nargs="+", default=["diffusion", "unet"])
+    parser.add_argument("--model", default="small")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    for size in args.sizes:
+        for kind in args.kinds:
+            row = measure(kind, size, model=args.model, batch=args.batch, warmup=args.warmup,
+                          steps=args.steps, repeats=args.repeats, seed=args.seed)
+            row["threads"] = args.threads
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\nmachine: {platform.machine()} {platform.processor() or ''} "
+          f"{os.cpu_count()} cores, torch {torch.__version__}, threads={args.threads}")
+    print("| kind | size | params | batch | stacks/s (median [min-max]) | s/step |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['kind']} | {r['size']}x{r['size']} | {r['params'] / 1e6:.2f} M | {r['batch']} "
+              f"| {r['stacks_per_s_median']:.1f} [{r['stacks_per_s_min']:.1f}-"
+              f"{r['stacks_per_s_max']:.1f}] | {r['s_per_step']:.2f} |")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(rows, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
