@@ -69,8 +69,31 @@ def _denoise(args: argparse.Namespace) -> None:
 def _simulate(args: argparse.Namespace) -> None:
     from fed_ndif.simulate import simulate
 
-    out = simulate(args.overrides)
-    log.info("run folder: %s", out)
+    report = simulate(args.overrides)
+    print(f"report: {report}")
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    from fed_ndif.training.trainer import finetune
+
+    finetune(Path(args.checkpoint), Path(args.manifest), Path(args.out_dir), steps=args.steps,
+             lr=args.lr, device=args.device)
+    print(f"personalized checkpoint: {Path(args.out_dir) / 'last.pt'}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from fed_ndif.experiment import evaluate_site
+
+    models = {}
+    for item in args.model:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise FedNdifError(f"--model {item!r}: expected NAME=CHECKPOINT")
+        models[name] = Path(path)
+    report = evaluate_site(Path(args.manifest), Path(args.out_dir), models=models,
+                           filters=not args.no_filters, split=args.split, device=args.device,
+                           overwrite=args.overwrite)
+    print(f"report: {report}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,7 +197,99 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="hydra config overrides")
     p.set_defaults(func=_simulate)
+
+    p = sub.add_parser(
+        "finetune", help="personalize a (global) checkpoint on one site's training data",
+        description="Fine-tune CHECKPOINT on the training split of MANIFEST into OUT_DIR/last.pt; "
+                    "model, diffusion and normalization settings come from the checkpoint.",
+    )
+    p.add_argument("checkpoint", help="the federation's global checkpoint (or any fed-ndif .pt)")
+    p.add_argument("manifest", help="the site's manifest.csv")
+    p.add_argument("out_dir", help="folder for last.pt, config.yaml and metrics.jsonl")
+    p.add_argument("--steps", type=int, default=50, help="optimizer steps (default 50)")
+    p.add_argument("--lr", type=float, default=2e-4, help="learning rate (default 2e-4)")
+    p.add_argument("--device", default=None, help="cpu | cuda | auto (default: checkpoint's)")
+    p.set_defaults(func=_finetune)
+
+    p = sub.add_parser(
+        "evaluate", help="score models and classical filters on a site's held-out studies",
+        description="Evaluate the low-count input, Gaussian and non-local-means filters (tuned on "
+                    "the validation split) and each --model on MANIFEST's test split: PSNR, "
+                    "SSIM, NMSE, lesion SUV bias, contrast recovery, CNR and liver NSTD. Writes "
+                    "metrics.csv, report.md and figures/ into OUT_DIR.",
+    )
+    p.add_argument("manifest", help="the site's manifest.csv")
+    p.add_argument("out_dir", help="folder for the results (must be new or empty)")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=CHECKPOINT",
+                   help="a checkpoint to evaluate under NAME (repeatable)")
+    p.add_argument("--no-filters", action="store_true", help="skip the Gaussian and NLM baselines")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser(
+        "coordinator", help="run the federation's server (SuperLink with TLS + node auth)",
+        description="Start a SuperLink with TLS and SuperNode authentication, register the "
+                    "sites' public keys and run (or, with --resume, continue) the Fed-NDIF "
+                    "federation. Settings are hydra overrides of configs/federated.yaml, e.g. "
+                    "fl.rounds=50 fl.min_sites=3 (right after RUN_DIR, before the options). "
+                    "RUN_DIR keeps the config, the SuperLink's "
+                    "state, checkpoints, metrics.jsonl and logs. See deploy/README.md.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="hydra config overrides")
+    p.add_argument("--certs", default="certs", metavar="DIR", help="folder with ca.crt, "
+                   "server.crt and server.key from scripts/make-certs (default: certs)")
+    p.add_argument("--register", action="append", default=[], metavar="KEY.pub", help="a site's "
+                   "public key to register (repeatable; keys registered before are kept)")
+    p.add_argument("--host", default="127.0.0.1", help="address the SuperLink listens on; "
+                   "0.0.0.0 for other machines (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=9092, help="the SuperLink's port (default: 9092)")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its "
+                   "latest global checkpoint")
+    p.add_argument("--wait-for-sites", type=int, default=0, metavar="N", help="start the run "
+                   "only once N sites are online (default: 0, the run waits for fl.min_sites)")
+    p.set_defaults(func=_coordinator)
+
+    p = sub.add_parser(
+        "site", help="join a federation as a site (a SuperNode with TLS and the site's key)",
+        description="Start this site's SuperNode: it connects to the coordinator over TLS, "
+                    "authenticates with the site's private key and trains on DATA only. Only "
+                    "weights and numeric metrics leave the site. See deploy/README.md.",
+    )
+    p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the coordinator")
+    p.add_argument("--ca", required=True, metavar="CA.crt", help="the federation's CA "
+                   "certificate (from the coordinator)")
+    p.add_argument("--key", required=True, metavar="KEY", help="this site's private node key "
+                   "(its .pub is registered with the coordinator)")
+    p.add_argument("--data", required=True, metavar="DIR", help="the site's data folder (with "
+                   "manifest.csv) or manifest file")
+    p.add_argument("--name", help="site name reported with metrics (default: the data folder)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--port", type=int, default=9094, help="local port of the SuperNode's "
+                   "ClientApp API; distinct per SuperNode on one host (default: 9094)")
+    p.add_argument("--poll-interval", type=float, default=1.0, metavar="S", help="seconds "
+                   "between asks for work when idle (Flower's own: 3; default: 1)")
+    p.set_defaults(func=_site)
     return parser
+
+
+def _coordinator(args: argparse.Namespace) -> None:
+    from fed_ndif.launch import run_coordinator
+
+    out = run_coordinator(Path(args.run_dir), args.overrides, certs_dir=Path(args.certs),
+                          site_keys=[Path(k) for k in args.register], host=args.host,
+                          port=args.port, resume=args.resume, wait_sites=args.wait_for_sites)
+    log.info("federation finished: run folder %s", out)
+
+
+def _site(args: argparse.Namespace) -> None:
+    from fed_ndif.launch import run_site
+
+    run_site(superlink=args.superlink, ca=Path(args.ca), key=Path(args.key),
+             data=Path(args.data), name=args.name, device=args.device, port=args.port,
+             poll_s=args.poll_interval)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,9 +5,8 @@ starts on 127.0.0.1 (free ports, no runtime ``uv sync``, its own FLWR_HOME insid
 and stops by its process id: the same ServerApp and ClientApps as a real deployment, on Flower's
 simulation engine (Ray), one virtual node per site.
 
-Run folder: ``sites/`` (made when missing), ``federated/`` (global checkpoints, metrics.jsonl,
-wandb), ``config.yaml`` (the exact composed config), ``run_config.toml`` (what Flower got),
-``logs/`` (SuperLink and ``flwr run`` output).
+The stages after the sites (federations, personalization, baselines, evaluation, report) and the
+run folder's layout are in :mod:`fed_ndif.experiment`.
 """
 
 from __future__ import annotations
@@ -15,11 +14,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,26 +23,25 @@ from typing import Any
 import tomli_w
 from omegaconf import DictConfig, OmegaConf
 
-import fed_ndif
 from fed_ndif.config import load_config
 from fed_ndif.data.sites import SITE_CONFIG_KEYS, write_sites
 from fed_ndif.errors import FedNdifError
+from fed_ndif.launch import (
+    PROCESS_TAG,
+    free_port,
+    kill_tagged,
+    new_tag,
+    project_root,
+    stop_process,
+    wait_for_port,
+)
 from fed_ndif.run_config import pyproject_app_config
 
 log = logging.getLogger(__name__)
 
 FEDERATED_KEYS = ("model", "diffusion", "train", "data", "fl", "logger", "run_dir")
-SUPERLINK_START_TIMEOUT_S = 60.0
-PROCESS_TAG = "FED_NDIF_PROCESS_TAG"
-
-
-def project_root() -> Path:
-    """The Flower app folder (pyproject.toml with [tool.flwr.app]) this package came from."""
-    root = Path(fed_ndif.__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file():
-        raise FedNdifError("fed-ndif simulate needs the source tree (pyproject.toml beside "
-                           "fed_ndif/); install fed-ndif with `pip install -e .`")
-    return root
+__all__ = ["PROCESS_TAG", "federated_config", "local_superlink", "project_root",
+           "run_flower_simulation", "simulate"]
 
 
 def federated_config(cfg: DictConfig, *, sites_dir: Path, run_dir: Path) -> dict[str, Any]:
@@ -61,45 +56,11 @@ def federated_config(cfg: DictConfig, *, sites_dir: Path, run_dir: Path) -> dict
     return fed
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_for_port(port: int, process: subprocess.Popen, log_file: Path) -> None:
-    deadline = time.monotonic() + SUPERLINK_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise FedNdifError(f"the local SuperLink exited with code {process.returncode}; "
-                               f"see {log_file}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise FedNdifError(f"the local SuperLink did not start within "
-                       f"{SUPERLINK_START_TIMEOUT_S:.0f} s; see {log_file}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Stop a process group we started, by its id: SIGTERM, then SIGKILL."""
-    if process.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 @contextlib.contextmanager
 def local_superlink(flwr_home: Path, logs: Path) -> Iterator[str]:
     """A SuperLink in simulation mode on a free loopback port; yields its address."""
     # Flower 1.42 serves the Control, Fleet and Runtime APIs on one HTTP port.
-    port = _free_port()
+    port = free_port()
     logs.mkdir(parents=True, exist_ok=True)
     log_file = logs / "superlink.log"
     command = [
@@ -109,43 +70,18 @@ def local_superlink(flwr_home: Path, logs: Path) -> Iterator[str]:
     ]
     # Every process the SuperLink spawns (SuperExec, simulation, Ray workers) inherits this
     # tag, so the ones that outlive it can be found and stopped too.
-    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    tag = new_tag()
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
            PROCESS_TAG: tag}
     with log_file.open("ab") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
     try:
-        _wait_for_port(port, process, log_file)
+        wait_for_port(port, process, log_file)
         yield f"127.0.0.1:{port}"
     finally:
-        _stop(process)
-        _kill_tagged(tag)
-
-
-def _tagged(tag: str) -> list[int]:
-    """Live processes whose environment carries ``PROCESS_TAG=tag`` (Linux /proc)."""
-    needle = f"{PROCESS_TAG}={tag}".encode()
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if needle in (proc / "environ").read_bytes().split(b"\0"):
-                found.append(int(proc.name))
-        except (OSError, ValueError):
-            continue
-    return found
-
-
-def _kill_tagged(tag: str, *, timeout_s: float = 15.0) -> None:
-    """SIGKILL the tagged processes and wait until they are gone."""
-    deadline = time.monotonic() + timeout_s
-    while (pids := _tagged(tag)) and time.monotonic() < deadline:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
-    if pids:
-        log.warning("processes %s of the simulation did not stop", pids)
+        stop_process(process)
+        kill_tagged(tag)
 
 
 def run_flower_simulation(fed: dict[str, Any], *, n_sites: int, cpus_per_site: float,
@@ -179,18 +115,19 @@ def run_flower_simulation(fed: dict[str, Any], *, n_sites: int, cpus_per_site: f
                     sys.stderr.buffer.write(line)
                 process.wait()
             finally:
-                _stop(process)
+                stop_process(process)
     if process.returncode != 0:
         raise FedNdifError(f"the Flower run failed (exit {process.returncode}); see "
                            f"{work_dir / 'logs' / 'flwr-run.log'}")
 
 
 def simulate(overrides: list[str] | tuple[str, ...] = ()) -> Path:
-    """Make the sites if missing, run the federation; return the run folder."""
+    """Make the sites if missing, then every stage of the comparison; return report.md."""
+    from fed_ndif.experiment import run_experiment
+
     cfg = load_config("simulate", overrides)
     out_dir = Path(cfg.out_dir).resolve()
     sites_dir = out_dir / "sites"
-    run_dir = out_dir / "federated"
     out_dir.mkdir(parents=True, exist_ok=True)
     site_cfg = OmegaConf.create({key: cfg[key] for key in SITE_CONFIG_KEYS if key in cfg})
     if sites_dir.exists():
@@ -203,9 +140,6 @@ def simulate(overrides: list[str] | tuple[str, ...] = ()) -> Path:
     else:
         write_sites(sites_dir, cfg)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    fed = federated_config(cfg, sites_dir=sites_dir, run_dir=run_dir)
-    run_flower_simulation(fed, n_sites=len(fed["data"]["sites"]),
-                          cpus_per_site=float(cfg.simulation.cpus_per_site),
-                          gpus_per_site=float(cfg.simulation.gpus_per_site), work_dir=out_dir)
-    log.info("federated run finished: global checkpoints in %s", run_dir / "checkpoints")
-    return out_dir
+    report = run_experiment(cfg, out_dir, sites_dir)
+    log.info("report: %s", report)
+    return report

@@ -43,6 +43,29 @@ from fed_ndif.training.trainer import (
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"global-round-(\d{4,})\.pt$")
+# How often the ServerApp asks the SuperLink for replies. Flower 1.42's HttpGrid sleeps 3 s
+# between pulls, which adds up to 3 s to every exchange of a deployed round.
+REPLY_POLL_S = 0.2
+
+
+def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float
+                     ) -> list[Message]:
+    """``grid.send_and_receive``, polling a deployed SuperLink every REPLY_POLL_S seconds."""
+    from flwr.superlink.grid import HttpGrid
+
+    if not isinstance(grid, HttpGrid):
+        return list(grid.send_and_receive(messages, timeout=timeout))
+    pending = set(grid.push_messages(messages))
+    replies: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(REPLY_POLL_S)
+    return replies
 
 
 @dataclass
@@ -186,8 +209,8 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
     try:
         for server_round in range(start_round + 1, int(fl["rounds"]) + 1):
             started = time.perf_counter()
-            replies = grid.send_and_receive(
-                strategy.configure_train(server_round, arrays, train_config, grid),
+            replies = send_and_receive(
+                grid, strategy.configure_train(server_round, arrays, train_config, grid),
                 timeout=timeout)
             new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
             if new_arrays is not None:
@@ -198,8 +221,8 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
                             f"global-round-{server_round:04d}.pt")
             eval_metrics = None
             if int(fl["evaluate_max_studies"]) > 0:
-                eval_replies = grid.send_and_receive(
-                    strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+                eval_replies = send_and_receive(
+                    grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
                     timeout=timeout)
                 eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
             record = {

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Sampler, default_collate
 
 import fed_ndif
 from fed_ndif.data.dataset import Normalization, SliceStackDataset
@@ -362,8 +362,46 @@ def train_local(manifest: str | Path, out_dir: str | Path, *,
     """
     from fed_ndif.config import load_config
 
-    out_dir = Path(out_dir)
-    cfg = _plain(load_config("train_local", overrides))
+    return train_sites(_plain(load_config("train_local", overrides)), [Path(manifest)],
+                       Path(out_dir), resume=resume)
+
+
+def finetune(checkpoint: str | Path, manifest: str | Path, out_dir: str | Path, *,
+             steps: int, lr: float, device: str | None = None) -> dict[str, float]:
+    """``fed-ndif finetune``: personalize a (global) checkpoint on one site's training split.
+
+    Model, diffusion and data settings come from the checkpoint, so a site needs only the
+    checkpoint and its manifest; the optimizer starts fresh.
+    """
+    cfg = read_checkpoint(checkpoint)["config"]
+    cfg["train"].update(steps=int(steps), lr=float(lr), init_from=str(checkpoint),
+                        device=device or cfg["train"].get("device", "auto"))
+    return train_sites(cfg, [Path(manifest)], Path(out_dir))
+
+
+def _interleaved(bundle: ModelBundle, datasets: list[SliceStackDataset]
+                 ) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches from several sites (pooled training). Step ``s`` draws one site, with odds
+    proportional to its size, and that site's batch ``s``, both from (seed, s) alone, so resume
+    stays exact. A batch never mixes sites, whose matrices may differ."""
+    if len(datasets) == 1:
+        yield from make_train_batches(bundle, datasets[0])
+        return
+    seed, batch_size = int(bundle.cfg["train"]["seed"]), int(bundle.cfg["train"]["batch_size"])
+    samplers = [StepBatchSampler(len(d), batch_size=batch_size, seed=seed + i)
+                for i, d in enumerate(datasets)]
+    odds = np.array([len(d) for d in datasets], float)
+    odds /= odds.sum()
+    step = bundle.step
+    while True:
+        pick = int(np.random.default_rng([seed, step]).choice(len(datasets), p=odds))
+        yield default_collate([datasets[pick][i] for i in samplers[pick].batch(step)])
+        step += 1
+
+
+def train_sites(cfg: dict[str, Any], manifests: list[Path], out_dir: Path, *,
+                resume: bool = False) -> dict[str, float]:
+    """Train on one site's manifest, or pooled over several (the centralized upper bound)."""
     last = out_dir / "last.pt"
     if resume:
         if not last.is_file():
@@ -384,33 +422,37 @@ def train_local(manifest: str | Path, out_dir: str | Path, *,
     train = bundle.cfg["train"]
     k = bundle.k
     levels = cfg["data"]["count_levels"]
-    train_set = SliceStackDataset(manifest, split="train", k=k, normalization=bundle.normalization,
-                                  count_levels=levels)
-    try:
-        val_set = SliceStackDataset(manifest, split="val", k=k,
-                                    normalization=bundle.normalization, count_levels=levels)
-    except FedNdifError:
-        log.warning("%s: no validation studies; skipping validation", manifest)
-        val_set = None
+    train_sets = [SliceStackDataset(m, split="train", k=k, normalization=bundle.normalization,
+                                    count_levels=levels) for m in manifests]
+    val_sets = []
+    for manifest in manifests:
+        try:
+            val_sets.append(SliceStackDataset(manifest, split="val", k=k,
+                                              normalization=bundle.normalization,
+                                              count_levels=levels))
+        except FedNdifError:
+            log.warning("%s: no validation studies; skipping its validation", manifest)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(bundle.cfg)))
-    batches = make_train_batches(bundle, train_set)
+    batches = _interleaved(bundle, train_sets)
     total = int(train["steps"])
     chunk = max(1, int(train.get("log_every", 50)))
     val_every = int(train.get("val_every", 0)) or total
     ckpt_every = int(train.get("checkpoint_every", 0)) or total
     summary: dict[str, float] = {}
-    log.info("training %s (%s, k=%d) from step %d to %d", manifest, bundle.kind, k, bundle.step,
-             total)
+    log.info("training on %s (%s, k=%d) from step %d to %d",
+             ", ".join(m.parent.name for m in manifests), bundle.kind, k, bundle.step, total)
     with (out_dir / "metrics.jsonl").open("a") as metrics_file:
         while bundle.step < total:
             n = min(chunk, total - bundle.step,
                     val_every - bundle.step % val_every, ckpt_every - bundle.step % ckpt_every)
             metrics = train_steps(bundle, batches, n)
             record = {"step": bundle.step, **metrics}
-            if val_set is not None and (bundle.step % val_every == 0 or bundle.step == total):
-                val = evaluate(bundle, val_set, max_studies=int(train["val_max_studies"]))
-                record.update({f"val_{key}": v for key, v in val.items()})
+            if val_sets and (bundle.step % val_every == 0 or bundle.step == total):
+                vals = [evaluate(bundle, v, max_studies=int(train["val_max_studies"]))
+                        for v in val_sets]
+                record.update({f"val_{key}": float(np.mean([v[key] for v in vals]))
+                               for key in vals[0]})
             log.info("step %d: %s", bundle.step, ", ".join(
                 f"{key}={v:.4g}" for key, v in record.items() if key != "step"))
             metrics_file.write(json.dumps(record) + "\n")

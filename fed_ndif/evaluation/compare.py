@@ -1,0 +1,158 @@
+"""Evaluate denoising methods on a site's held-out test studies: one row per study and method.
+
+A method is a callable ``(low-count SUV volume, liver NSTD, spacing) -> SUV volume``; the
+low-count input, the tuned filters and every trained checkpoint are wrapped the same way, so
+each is scored on exactly the same studies with exactly the same metrics.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fed_ndif.data.dataset import Study, read_manifest
+from fed_ndif.data.nifti import load_nifti
+from fed_ndif.data.nstd import liver_nstd
+from fed_ndif.evaluation.filters import TunedFilter, tune_filter
+from fed_ndif.evaluation.metrics import lesion_metrics, summarize_lesions, volume_metrics
+
+log = logging.getLogger(__name__)
+
+Denoiser = Callable[[np.ndarray, float, Sequence[float]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # machine name, e.g. fedndif_personalized
+    label: str  # what the report calls it
+    denoise: Denoiser
+
+
+def identity(low: np.ndarray, nstd: float, spacing: Sequence[float]) -> np.ndarray:
+    return low
+
+
+def filter_method(tuned: TunedFilter, label: str) -> Method:
+    return Method(tuned.name, f"{label} ({tuned.parameter}={tuned.value:g})",
+                  lambda low, nstd, spacing: tuned.apply(low, spacing))
+
+
+def checkpoint_method(name: str, label: str, checkpoint: Path, *, device: str = "cpu",
+                      seed: int = 0, steps: int | None = None) -> Method:
+    """A trained model (diffusion: its own sampler settings; U-Net: one pass), EMA weights."""
+    from fed_ndif.models.denoise_volume import denoise_volume
+    from fed_ndif.training.trainer import load_checkpoint, sampler_config
+
+    bundle = load_checkpoint(checkpoint, device=device)
+    overrides = {"steps": steps} if steps else {}
+    sampler = sampler_config(bundle.cfg, **overrides) if bundle.process is not None else None
+    if sampler is not None and sampler.warm_start == "unet":
+        sampler = sampler_config(bundle.cfg, **overrides, warm_start="low_count")
+
+    def run(low: np.ndarray, nstd: float, spacing: Sequence[float]) -> np.ndarray:
+        mean, _ = denoise_volume(bundle.ema.model, low, nstd=nstd,
+                                 normalization=bundle.normalization, k=bundle.k,
+                                 process=bundle.process, sampler=sampler, device=device,
+                                 seed=seed, progress=False)
+        return mean
+
+    return Method(name, label, run)
+
+
+@dataclass
+class LoadedStudy:
+    study: Study
+    low: np.ndarray
+    full: np.ndarray
+    liver: np.ndarray
+    lesions: np.ndarray | None
+    spacing: tuple[float, float, float]
+
+    @property
+    def nstd(self) -> float:
+        return liver_nstd(self.low, self.liver)
+
+
+def load_studies(manifest: Path, split: str, *, count_levels: Sequence[float] | None = None,
+                 max_subjects: int | None = None) -> list[LoadedStudy]:
+    studies = [s for s in read_manifest(manifest) if s.split == split]
+    if count_levels:
+        studies = [s for s in studies if any(abs(s.count_level - c) < 1e-9 for c in count_levels)]
+    if max_subjects:
+        keep = sorted({s.subject for s in studies})[:max_subjects]
+        studies = [s for s in studies if s.subject in keep]
+    loaded = []
+    for study in studies:
+        low = load_nifti(study.low_count)
+        loaded.append(LoadedStudy(
+            study=study, low=low.array, full=load_nifti(study.full_count).array,
+            liver=load_nifti(study.liver_mask).array > 0,
+            lesions=(load_nifti(study.lesion_mask).array.astype(np.int32)
+                     if study.lesion_mask else None),
+            spacing=low.spacing))
+    return loaded
+
+
+def tuned_filters(manifest: Path) -> list[Method]:
+    """Gaussian and NLM, each tuned on the site's validation split (all its count levels)."""
+    val = [(s.low, s.full, s.spacing) for s in load_studies(manifest, "val")]
+    return [filter_method(tune_filter("gaussian", val), "Gaussian filter"),
+            filter_method(tune_filter("nlm", val), "Non-local means")]
+
+
+MIN_LESION_VOXELS = 8
+
+
+def evaluate_methods(site: str, studies: list[LoadedStudy], methods: list[Method], *,
+                     keep_outputs: Callable[[LoadedStudy], bool] | None = None
+                     ) -> tuple[list[dict], dict]:
+    """Rows of metrics (site, subject, level, method) and, for studies ``keep_outputs`` selects,
+    the output volumes by (subject, level, method) for figures."""
+    rows, outputs = [], {}
+    for study in studies:
+        reference_nstd = liver_nstd(study.full, study.liver)
+        for method in methods:
+            out = method.denoise(study.low, study.nstd, study.spacing)
+            row = {"site": site, "subject": study.study.subject,
+                   "count_level": study.study.count_level, "method": method.name,
+                   "label": method.label, **volume_metrics(out, study.full),
+                   "liver_nstd": liver_nstd(out, study.liver),
+                   "full_count_liver_nstd": reference_nstd}
+            if study.lesions is not None:
+                sizes = np.bincount(study.lesions.ravel())
+                big = np.where(np.isin(study.lesions, np.flatnonzero(
+                    sizes >= MIN_LESION_VOXELS)[1:]), study.lesions, 0)
+                row.update(summarize_lesions(lesion_metrics(out, study.full, big)))
+            rows.append(row)
+            if keep_outputs is not None and keep_outputs(study):
+                outputs[(study.study.subject, study.study.count_level, method.name)] = out
+            log.info("%s %s %g%% %s: PSNR %.2f dB", site, study.study.subject,
+                     100 * study.study.count_level, method.name, row["psnr"])
+    return rows, outputs
+
+
+FIELDS = ("site", "subject", "count_level", "method", "label", "psnr", "ssim", "nmse",
+          "liver_nstd", "full_count_liver_nstd", "suvmax_bias_pct", "abs_suvmax_bias_pct",
+          "suvmean_bias_pct", "abs_suvmean_bias_pct", "contrast_recovery", "cnr", "lesions")
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        for key in FIELDS:
+            if key not in ("site", "subject", "method", "label") and row.get(key) not in (None, ""):
+                row[key] = float(row[key])
+    return rows

@@ -1,0 +1,253 @@
+"""The multi-site comparison behind ``fed-ndif simulate``: federations, personalization,
+local-only and pooled training, classical baselines, evaluation and the report.
+
+Each stage leaves its result in the run folder and is skipped when that result is already
+there, so an interrupted experiment continues where it stopped:
+
+    sites/                      synthetic sites (make_sites)
+    federated/<method>/         global checkpoints, metrics.jsonl, wandb (one Flower run each)
+    personalized/<site>/        Fed-NDIF fine-tuned on each site
+    local/<site>/               each site alone, same number of steps as a site spends
+    pooled/                     centralized on all sites' data, same total steps
+    metrics.csv, report.md, figures/, config.yaml
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from fed_ndif.errors import FedNdifError
+from fed_ndif.evaluation.compare import (
+    Method,
+    checkpoint_method,
+    evaluate_methods,
+    identity,
+    load_studies,
+    read_rows,
+    tuned_filters,
+    write_rows,
+)
+from fed_ndif.evaluation.report import figure_lesion_slices, write_report
+from fed_ndif.server.federation import latest_checkpoint
+
+log = logging.getLogger(__name__)
+
+# Federated methods: the changes each makes to the experiment's model.
+FEDERATIONS: dict[str, dict[str, Any]] = {
+    "fedndif": {},
+    "fedavg_no_nstd": {"noise_embedding": False},
+    "fedavg_unet": {"kind": "unet"},
+}
+LABELS = {
+    "input": "Low-count input",
+    "gaussian": "Gaussian filter",
+    "nlm": "Non-local means",
+    "local": "Local-only diffusion",
+    "fedavg_unet": "FedAvg U-Net",
+    "fedavg_no_nstd": "FedAvg diffusion, no NSTD",
+    "fedndif_global": "Fed-NDIF global",
+    "fedndif_personalized": "Fed-NDIF personalized",
+    "pooled": "Pooled diffusion (upper bound)",
+}
+NEEDS_FEDERATION = {"fedndif_global": "fedndif", "fedndif_personalized": "fedndif",
+                    "fedavg_no_nstd": "fedavg_no_nstd", "fedavg_unet": "fedavg_unet"}
+
+
+def _methods(cfg: DictConfig) -> list[str]:
+    methods = list(cfg.compare.methods)
+    unknown = [m for m in methods if m not in LABELS]
+    if unknown:
+        raise FedNdifError(f"configuration error: compare.methods has unknown {unknown}; "
+                           f"choose from {list(LABELS)}")
+    return methods
+
+
+def _train_cfg(fed: dict[str, Any], steps: int) -> dict[str, Any]:
+    cfg = copy.deepcopy({k: fed[k] for k in ("model", "diffusion", "train", "data")})
+    cfg["train"].update(steps=int(steps), val_every=0, checkpoint_every=0, init_from=None)
+    return cfg
+
+
+def _train_unless_done(cfg: dict[str, Any], manifests: list[Path], out: Path) -> Path:
+    from fed_ndif.training.trainer import read_checkpoint, train_sites
+
+    last = out / "last.pt"
+    if last.is_file() and int(read_checkpoint(last)["step"]) >= int(cfg["train"]["steps"]):
+        log.info("%s: already trained", out)
+    else:
+        train_sites(cfg, manifests, out, resume=last.is_file())
+    return last
+
+
+def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
+    """Everything after the sites exist; returns report.md."""
+    from fed_ndif.simulate import federated_config, run_flower_simulation
+    from fed_ndif.training.trainer import finetune
+
+    methods = _methods(cfg)
+    sites = list(cfg.sites.keys())
+    manifests = {s: sites_dir / s / "manifest.csv" for s in sites}
+    rounds = int(cfg.fl.rounds)
+    local_steps = int(cfg.fl.local_steps)
+    finetune_steps = int(cfg.compare.finetune_steps)
+
+    checkpoints: dict[str, dict[str, Path]] = {m: {} for m in methods}
+    curves: dict[str, list[dict]] = {}
+    for federation in dict.fromkeys(NEEDS_FEDERATION[m] for m in methods
+                                    if m in NEEDS_FEDERATION):
+        run_dir = out_dir / "federated" / federation
+        fed = federated_config(cfg, sites_dir=sites_dir, run_dir=run_dir)
+        fed["model"].update(FEDERATIONS[federation])
+        done = latest_checkpoint(run_dir)
+        if done is not None and done[0] >= rounds:
+            log.info("federation %s: already finished", federation)
+        else:
+            log.info("federation %s: %d rounds over %d sites", federation, rounds, len(sites))
+            run_flower_simulation(fed, n_sites=len(sites),
+                                  cpus_per_site=float(cfg.simulation.cpus_per_site),
+                                  gpus_per_site=float(cfg.simulation.gpus_per_site),
+                                  work_dir=out_dir / "federated" / f".{federation}")
+        final = run_dir / "checkpoints" / f"global-round-{rounds:04d}.pt"
+        if not final.is_file():
+            raise FedNdifError(f"federation {federation} did not write {final}; see "
+                               f"{out_dir / 'federated' / f'.{federation}' / 'logs'}")
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.is_file():
+            curves[LABELS.get(f"{federation}_global", LABELS.get(federation, federation))] = [
+                json.loads(line) for line in metrics.read_text().splitlines()]
+        for method, needed in NEEDS_FEDERATION.items():
+            if needed == federation and method in methods and method != "fedndif_personalized":
+                checkpoints[method] = dict.fromkeys(sites, final)
+
+    fed = federated_config(cfg, sites_dir=sites_dir, run_dir=out_dir / "federated" / "fedndif")
+    if "fedndif_personalized" in methods:
+        glob = out_dir / "federated" / "fedndif" / "checkpoints" / f"global-round-{rounds:04d}.pt"
+        for site in sites:
+            out = out_dir / "personalized" / site
+            if not (out / "last.pt").is_file():
+                log.info("personalizing Fed-NDIF on %s (%d steps)", site, finetune_steps)
+                finetune(glob, manifests[site], out, steps=finetune_steps,
+                         lr=float(cfg.compare.finetune_lr), device=str(cfg.compare.device))
+            checkpoints["fedndif_personalized"][site] = out / "last.pt"
+    if "local" in methods:
+        # Same budget as a site spends on Fed-NDIF personalized: its rounds plus fine-tuning.
+        budget = _train_cfg(fed, rounds * local_steps + finetune_steps)
+        for site in sites:
+            log.info("local-only training on %s (%d steps)", site, budget["train"]["steps"])
+            checkpoints["local"][site] = _train_unless_done(budget, [manifests[site]],
+                                                            out_dir / "local" / site)
+    if "pooled" in methods:
+        # Same total steps as the whole federation (every site's local steps, every round).
+        budget = _train_cfg(fed, len(sites) * rounds * local_steps)
+        log.info("pooled training on all sites (%d steps)", budget["train"]["steps"])
+        last = _train_unless_done(budget, list(manifests.values()), out_dir / "pooled")
+        checkpoints["pooled"] = dict.fromkeys(sites, last)
+
+    rows, figures = evaluate_all(cfg, out_dir, sites, manifests, methods, checkpoints)
+    notes = [
+        f"{len(sites)} sites; {rounds} federated rounds of {local_steps} local steps per site; "
+        f"personalization: {finetune_steps} steps at lr {float(cfg.compare.finetune_lr):g}; "
+        f"local-only: {rounds * local_steps + finetune_steps} steps per site; pooled: "
+        f"{len(sites) * rounds * local_steps} steps in total.",
+        f"Diffusion sampling: {cfg.diffusion.sampler.name}, {cfg.diffusion.sampler.steps} "
+        f"steps, {cfg.diffusion.sampler.samples} sample(s), warm start "
+        f"{cfg.diffusion.sampler.warm_start}; model preset channels "
+        f"{list(cfg.model.diffusion_net.channels)}.",
+    ]
+    return write_report(out_dir, rows, methods, curves=curves, notes=notes, figures=figures)
+
+
+def _lesion_study(studies):
+    """The lowest-count test study of the first subject, and its largest lesion's slice."""
+    with_lesions = [s for s in studies if s.lesions is not None and s.lesions.max() > 0]
+    if not with_lesions:
+        return None, None
+    subject = with_lesions[0].study.subject
+    study = min((s for s in with_lesions if s.study.subject == subject),
+                key=lambda s: s.study.count_level)
+    sizes = np.bincount(study.lesions.ravel())
+    sizes[0] = 0
+    zs = np.argwhere(study.lesions == int(np.argmax(sizes)))[:, 0]
+    return study, int(np.round(zs.mean()))
+
+
+def evaluate_all(cfg: DictConfig, out_dir: Path, sites: list[str], manifests: dict[str, Path],
+                 methods: list[str], checkpoints: dict[str, dict[str, Path]]
+                 ) -> tuple[list[dict], list[Path]]:
+    metrics_csv = out_dir / "metrics.csv"
+    figures_dir = out_dir / "figures"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = read_rows(metrics_csv) if metrics_csv.is_file() else []
+    done = {r["site"] for r in rows}
+    figures = []
+    for site in sites:
+        figure = figures_dir / f"lesion_{site}.png"
+        if site in done and figure.is_file():
+            figures.append(figure)
+            continue
+        rows = [r for r in rows if r["site"] != site]
+        studies = load_studies(manifests[site], "test",
+                               count_levels=cfg.compare.count_levels or None,
+                               max_subjects=cfg.compare.max_test_subjects or None)
+        site_methods: list[Method] = []
+        filters = {m.name: m for m in tuned_filters(manifests[site])} if {
+            "gaussian", "nlm"} & set(methods) else {}
+        for name in methods:
+            if name == "input":
+                site_methods.append(Method("input", LABELS["input"], identity))
+            elif name in filters:
+                site_methods.append(filters[name])
+            else:
+                site_methods.append(checkpoint_method(
+                    name, LABELS[name], checkpoints[name][site], device=str(cfg.compare.device),
+                    seed=int(cfg.compare.seed)))
+        chosen, slice_index = _lesion_study(studies)
+        site_rows, outputs = evaluate_methods(site, studies, site_methods,
+                                              keep_outputs=lambda s, c=chosen: s is c)
+        rows += site_rows
+        write_rows(metrics_csv, rows)
+        if chosen is not None:
+            level = chosen.study.count_level
+            panels = [(m.label if m.name != "input" else f"low count {100 * level:g} %",
+                       outputs[(chosen.study.subject, level, m.name)]) for m in site_methods]
+            top = float(np.percentile(chosen.full[slice_index], 99.5))
+            figure_lesion_slices(site, panels, chosen.full, slice_index, figure,
+                                 window=(0.0, max(1.0, math.ceil(top))))
+            figures.append(figure)
+    return rows, figures
+
+
+def evaluate_site(manifest: Path, out_dir: Path, *, models: dict[str, Path],
+                  filters: bool = True, split: str = "test", device: str = "cpu",
+                  overwrite: bool = False) -> Path:
+    """``fed-ndif evaluate``: a site scores its own models (and the classical baselines) on
+    its held-out studies; writes metrics.csv, figures and report.md into ``out_dir``."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FedNdifError(f"{out_dir} is not empty; choose a new folder or pass --overwrite")
+    for name, path in models.items():
+        if not Path(path).is_file():
+            raise FedNdifError(f"--model {name}={path}: no such checkpoint")
+    site = manifest.parent.name
+    studies = load_studies(manifest, split)
+    if not studies:
+        raise FedNdifError(f"{manifest}: no studies in split {split}")
+    methods = [Method("input", LABELS["input"], identity)]
+    if filters:
+        methods += tuned_filters(manifest)
+    methods += [checkpoint_method(name, name, Path(path), device=device)
+                for name, path in models.items()]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "figures").mkdir(exist_ok=True)
+    rows, _ = evaluate_methods(site, studies, methods)
+    write_rows(out_dir / "metrics.csv", rows)
+    return write_report(out_dir, rows, [m.name for m in methods], curves={}, figures=[],
+                        notes=[f"Site {site}, split {split}; models: " + ", ".join(
+                            f"{n} = {p}" for n, p in models.items())])

@@ -1,0 +1,273 @@
+"""Real deployment on 127.0.0.1: SuperLink (TLS + SuperNode auth) and SuperNodes as processes.
+
+Everything runs through the user-facing commands (``fed-ndif coordinator`` / ``fed-ndif site``
+via ``python -m fed_ndif.cli``); each test stops every process it started, by its id (its
+process group, then anything carrying the test's environment tag), even when it fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from fed_ndif.launch import PROCESS_TAG, free_port, kill_tagged, new_tag, stop_process
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
+
+ROOT = Path(__file__).resolve().parents[1]
+SITES = ("site_a", "site_b", "site_c")
+TINY = ["model=tiny", "fl.rounds=2", "fl.local_steps=2", "fl.evaluate_max_studies=0",
+        "logger.wandb_mode=disabled", "train.batch_size=2", "fl.round_timeout_s=300"]
+WAIT_S = 240.0
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("certs")
+    subprocess.run([str(ROOT / "scripts" / "make-certs"), "-o", str(out), *SITES, "intruder"],
+                   check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory) -> Path:
+    from fed_ndif.data.sites import make_sites
+
+    out = tmp_path_factory.mktemp("sites") / "sites"
+    make_sites(out, overrides=["sites=tiny"])
+    return out
+
+
+@dataclass
+class Processes:
+    """The processes one test started; ``stop_all`` stops them by id (and their leftovers)."""
+
+    folder: Path
+    base_tag: str = field(default_factory=new_tag)
+    started: dict[str, tuple[subprocess.Popen, str, Path]] = field(default_factory=dict)
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen:
+        tag = f"{self.base_tag}-{len(self.started)}"
+        log_file = self.folder / f"{name}.log"
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0",
+               PROCESS_TAG: tag}
+        with log_file.open("ab") as out:
+            process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                       start_new_session=True, cwd=ROOT)
+        self.started[name] = (process, tag, log_file)
+        return process
+
+    def log(self, name: str) -> str:
+        return self.started[name][2].read_text(errors="replace")
+
+    def stop(self, name: str, sig: int = signal.SIGTERM) -> int:
+        process, tag, _ = self.started[name]
+        stop_process(process, sig=sig, timeout_s=30)
+        kill_tagged(tag)
+        return process.returncode
+
+    def stop_all(self) -> None:
+        for name in list(self.started):
+            self.stop(name)
+
+    def dump(self) -> str:
+        return "\n".join(f"--- {name} (last lines)\n" + "\n".join(self.log(name).splitlines()[-25:])
+                         for name in self.started)
+
+
+@pytest.fixture
+def processes(tmp_path) -> Iterator[Processes]:
+    procs = Processes(tmp_path / "logs")
+    procs.folder.mkdir()
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+
+
+def coordinator(procs: Processes, name: str, run_dir: Path, certs: Path, port: int,
+                *extra: str, keys: tuple[str, ...] = SITES) -> subprocess.Popen:
+    register = [arg for site in keys for arg in ("--register", str(certs / "nodes" /
+                                                                    f"{site}.pub"))]
+    return procs.start(name, [sys.executable, "-m", "fed_ndif.cli", "coordinator",
+                              str(run_dir), *TINY, *extra, "--certs", str(certs),
+                              "--port", str(port), *register])
+
+
+def site(procs: Processes, name: str, certs: Path, sites: Path, port: int, *,
+         key: str | None = None) -> subprocess.Popen:
+    return procs.start(name, [sys.executable, "-m", "fed_ndif.cli", "site", "--superlink",
+                              f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"), "--key",
+                              str(certs / "nodes" / (key or name)), "--data",
+                              str(sites / (name if key is None else "site_a")), "--name", name,
+                              "--device", "cpu", "--port", str(free_port()),
+                              "--poll-interval", "0.5"])
+
+
+def wait_for(condition: Callable[[], bool], what: str, procs: Processes,
+             timeout_s: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}\n{procs.dump()}")
+
+
+def rounds(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("global-round-*.pt"))
+
+
+def start_federation(procs: Processes, run_dir: Path, certs: Path, sites: Path, *extra: str,
+                     wait_sites: int = 0) -> int:
+    port = free_port()
+    args = [*extra] + (["--wait-for-sites", str(wait_sites)] if wait_sites else [])
+    coordinator(procs, "coordinator", run_dir, certs, port, *args)
+    wait_for(lambda: "ready: sites can connect" in procs.log("coordinator"),
+             "the coordinator to register the sites", procs)
+    for name in SITES:
+        site(procs, name, certs, sites, port)
+    return port
+
+
+@dataclass
+class FederationResult:
+    run_dir: Path
+    logs: dict[str, str]
+    returncodes: dict[str, int | None]
+
+
+@pytest.fixture(scope="module")
+def tls_federation(tmp_path_factory, certs, sites) -> FederationResult:
+    """3 registered sites + an unregistered key + a node without TLS; 2 rounds."""
+    folder = tmp_path_factory.mktemp("tls")
+    procs = Processes(folder / "logs")
+    procs.folder.mkdir()
+    run_dir = folder / "run"
+    try:
+        port = start_federation(procs, run_dir, certs, sites, "fl.min_sites=3")
+        site(procs, "unregistered", certs, sites, port, key="intruder")
+        # A node without TLS (and so without a key: Flower refuses node auth over plain HTTP).
+        procs.start("insecure", ["flower-supernode", "--superlink", f"127.0.0.1:{port}",
+                                 "--insecure", "--port", str(free_port()), "--node-config",
+                                 f"data-path='{sites / 'site_b'}' site-name='insecure'"])
+        wait_for(lambda: procs.started["coordinator"][0].poll() is not None,
+                 "the federation to finish", procs)
+        returncodes = {name: p.poll() for name, (p, _, _) in procs.started.items()}
+        return FederationResult(run_dir, {name: procs.log(name) for name in procs.started},
+                                returncodes)
+    finally:
+        procs.stop_all()
+
+
+def test_tls_federation_with_node_auth_runs_two_rounds_and_checkpoints(tls_federation):
+    run_dir = tls_federation.run_dir
+    assert tls_federation.returncodes["coordinator"] == 0, tls_federation.logs["coordinator"]
+    assert checkpoints(run_dir) == [f"global-round-000{r}.pt" for r in range(3)]
+    history = rounds(run_dir)
+    assert [r["round"] for r in history] == [1, 2]
+    assert all(r["sites"] == list(SITES) and not r["failed"] for r in history)
+    superlink = (run_dir / "logs" / "superlink.log").read_text()
+    assert "Uvicorn running on https://127.0.0.1" in superlink  # TLS, loopback only
+    for name in ("config.yaml", "run_config.toml", "state.db", "logs/flwr-run.log"):
+        assert (run_dir / name).exists(), name
+
+
+def test_unregistered_key_and_plaintext_node_are_refused(tls_federation):
+    logs = tls_federation.logs
+    # The node whose key the coordinator never registered is turned away and exits.
+    assert "Failed to activate SuperNode" in logs["unregistered"]
+    assert "SuperNode ID" not in logs["unregistered"]
+    assert tls_federation.returncodes["unregistered"] not in (None, 0)
+    # The node speaking plain HTTP to the TLS SuperLink never gets a node id.
+    assert "Connection attempt failed" in logs["insecure"]
+    assert "SuperNode ID" not in logs["insecure"]
+    for record in rounds(tls_federation.run_dir):
+        assert not {"unregistered", "insecure", "intruder"} & set(record["sites"])
+
+
+def test_a_site_killed_mid_round_is_recorded_and_the_run_completes(tmp_path, processes, certs,
+                                                                      sites):
+    run_dir = tmp_path / "run"
+    start_federation(processes, run_dir, certs, sites, "fl.min_sites=2", wait_sites=3)
+    wait_for(lambda: len(rounds(run_dir)) >= 1, "round 1", processes)
+    assert rounds(run_dir)[0]["sites"] == list(SITES)
+    # site_c gets round 2's training message, then dies with its ClientApp.
+    wait_for(lambda: processes.log("site_c").count("Receiving: train message") >= 2,
+             "site_c to receive round 2", processes)
+    processes.stop("site_c", signal.SIGTERM)
+    wait_for(lambda: processes.started["coordinator"][0].poll() is not None,
+             "the run to finish without site_c", processes)
+    assert processes.started["coordinator"][0].returncode == 0, processes.dump()
+    last = rounds(run_dir)[-1]
+    assert last["round"] == 2
+    assert last["sites"] == ["site_a", "site_b"]
+    assert list(last["failed"]) == ["site_c"], last
+    assert checkpoints(run_dir)[-1] == "global-round-0002.pt"
+
+
+def test_a_stopped_coordinator_resumes_from_its_checkpoint(tmp_path, processes, certs, sites):
+    run_dir = tmp_path / "run"
+    port = start_federation(processes, run_dir, certs, sites, "fl.min_sites=3")
+    wait_for(lambda: len(rounds(run_dir)) >= 1, "round 1", processes)
+    assert processes.stop("coordinator") != 0
+    assert "continue with --resume" in processes.log("coordinator")
+    assert [r["round"] for r in rounds(run_dir)] == [1]
+    first = {name: (run_dir / "checkpoints" / name).stat().st_mtime_ns
+             for name in checkpoints(run_dir)}
+    assert set(first) == {"global-round-0000.pt", "global-round-0001.pt"}
+
+    # Without --resume the run folder is refused: nothing is overwritten.
+    refused = subprocess.run([sys.executable, "-m", "fed_ndif.cli", "coordinator", str(run_dir),
+                              "--certs", str(certs)], capture_output=True, text=True,
+                             cwd=ROOT, timeout=120)
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr
+
+    procs_before = set(processes.started)
+    processes.start("coordinator-resumed", [
+        sys.executable, "-m", "fed_ndif.cli", "coordinator", str(run_dir), "--resume",
+        "--certs", str(certs), "--port", str(port)])
+    assert set(processes.started) - procs_before == {"coordinator-resumed"}
+    wait_for(lambda: processes.started["coordinator-resumed"][0].poll() is not None,
+             "the resumed run to finish", processes)
+    assert processes.started["coordinator-resumed"][0].returncode == 0, processes.dump()
+    history = rounds(run_dir)
+    assert [r["round"] for r in history] == [1, 2]  # round 2 only was run again
+    assert history[1]["sites"] == list(SITES)
+    assert checkpoints(run_dir) == [f"global-round-000{r}.pt" for r in range(3)]
+    for name, mtime in first.items():  # the earlier checkpoints were not rewritten
+        assert (run_dir / "checkpoints" / name).stat().st_mtime_ns == mtime
+
+
+def test_site_and_coordinator_refuse_bad_input_in_one_line(tmp_path, certs, sites, capsys):
+    from fed_ndif.cli import main
+
+    assert main(["coordinator", str(tmp_path / "run"), "--certs", str(tmp_path)]) == 2
+    assert "missing certificate file" in capsys.readouterr().err
+    assert main(["coordinator", str(tmp_path / "run"), "--certs", str(certs), "--register",
+                 str(certs / "nodes" / "nobody.pub")]) == 2
+    assert "site key file" in capsys.readouterr().err
+    assert main(["site", "--superlink", "127.0.0.1:1", "--ca", str(certs / "ca.crt"),
+                 "--key", str(certs / "nodes" / "site_a.pub"), "--data",
+                 str(sites / "site_a")]) == 2
+    assert "not a private key" in capsys.readouterr().err
+    assert main(["site", "--superlink", "127.0.0.1:1", "--ca", str(certs / "ca.crt"),
+                 "--key", str(certs / "nodes" / "site_a"), "--data", str(tmp_path)]) == 2
+    assert re.search(r"no site manifest at .*manifest\.csv", capsys.readouterr().err)

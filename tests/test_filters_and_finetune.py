@@ -1,0 +1,77 @@
+"""Classical baselines tuned on validation; fine-tuning and evaluation commands on a tiny site."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fed_ndif.cli import main
+from fed_ndif.data.sites import make_sites
+from fed_ndif.evaluation.filters import tune_filter
+from fed_ndif.training.trainer import read_checkpoint, train_local
+
+
+def test_tuned_gaussian_smooths_noise_and_leaves_clean_data_nearly_alone():
+    rng = np.random.default_rng(0)
+    z, y, x = np.mgrid[:12, :24, :24]
+    truth = 2.0 + 6.0 * (((y - 12) ** 2 + (x - 12) ** 2) < 25)
+    noisy = [(truth + rng.normal(0, 1.0, truth.shape), truth, (4.0, 4.0, 4.0)) for _ in range(2)]
+    tuned = tune_filter("gaussian", noisy)
+    assert tuned.value >= 4.0  # heavy noise: a wide filter wins
+    clean = [(truth + rng.normal(0, 0.01, truth.shape), truth, (4.0, 4.0, 4.0))]
+    assert tune_filter("gaussian", clean).value == 2.0  # the smallest width on the grid
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    make_sites(root / "sites", overrides=["sites=tiny", "sites.site_b.subjects=1",
+                                          "sites.site_c.subjects=1"])
+    manifest = root / "sites" / "site_a" / "manifest.csv"
+    train_local(manifest, root / "global", overrides=[
+        "model=tiny", "train.steps=3", "train.batch_size=2", "train.val_every=0",
+        "diffusion.sampler.steps=2"])
+    return root, manifest
+
+
+def test_finetune_starts_from_the_checkpoint_and_keeps_its_settings(site, tmp_path):
+    root, manifest = site
+    out = tmp_path / "personal"
+    assert main(["finetune", str(root / "global" / "last.pt"), str(manifest), str(out),
+                 "--steps", "2", "--lr", "1e-3"]) == 0
+    tuned, base = read_checkpoint(out / "last.pt"), read_checkpoint(root / "global" / "last.pt")
+    assert tuned["step"] == 2 and tuned["config"]["train"]["lr"] == 1e-3
+    assert tuned["config"]["model"] == base["config"]["model"]
+    assert tuned["normalization"] == base["normalization"]
+    changed = [n for n in base["model"] if not np.array_equal(base["ema"]["weights"][n].numpy(),
+                                                               tuned["model"][n].numpy())]
+    assert changed  # it trained
+    assert main(["finetune", str(root / "global" / "last.pt"), str(manifest), str(out)]) == 2
+
+
+def test_evaluate_scores_input_filters_and_models_on_the_test_split(site, tmp_path, capsys):
+    root, manifest = site
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(manifest), str(out), "--model",
+                 f"mine={root / 'global' / 'last.pt'}"]) == 0
+    with (out / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["method"] for r in rows} == {"input", "gaussian", "nlm", "mine"}
+    assert {r["subject"] for r in rows} == {"sub-003"}  # the site's only test subject
+    report = (out / "report.md").read_text()
+    psnr = np.mean([float(r["psnr"]) for r in rows if r["method"] == "mine"])
+    assert f"{psnr:.2f}" in report
+    assert main(["evaluate", str(manifest), str(out)]) == 2  # not empty: refused
+    assert main(["evaluate", str(manifest), str(tmp_path / "x"), "--model", "bad"]) == 2
+    assert "NAME=CHECKPOINT" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_missing_checkpoint(site, tmp_path, capsys):
+    _, manifest = site
+    assert main(["evaluate", str(manifest), str(tmp_path / "e"), "--model",
+                 f"m={tmp_path / 'nope.pt'}"]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
