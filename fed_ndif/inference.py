@@ -15,7 +15,6 @@ import hashlib
 import logging
 import math
 import os
-import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from fed_ndif.atomic import remove_path, replace_path
 from fed_ndif.data.nifti import load_nifti, save_nifti
 from fed_ndif.data.nstd import measure_liver_nstd
 from fed_ndif.data.volume import Volume
@@ -253,28 +253,6 @@ def _load_mask(path: Path, volume: Volume) -> np.ndarray:
     return mask.array > 0
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def _commit_folder(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``; an old target is removed only once the new one is in."""
-    if not target.exists() and not target.is_symlink():
-        os.rename(staging, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(target, old)
-    try:
-        os.rename(staging, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    _remove(old)
-
-
 def denoise_study(
     input_path: str | Path, output: str | Path, *, checkpoint: str | Path,
     steps: int | None = None, samples: int | None = None, uncertainty: bool = False,
@@ -331,7 +309,7 @@ def denoise_study(
         staging.mkdir()
     except OSError as exc:
         if made_parents:
-            _remove(created)
+            remove_path(created)
         raise FedNdifError(f"{first}: cannot write there ({exc.strerror or exc})") from None
 
     try:
@@ -408,12 +386,12 @@ def denoise_study(
             staging.rmdir()
         else:
             names = sorted(p.name for p in staging.iterdir())
-            _commit_folder(staging, plan.output)
+            replace_path(staging, plan.output)
             outputs = [plan.output / name for name in names]
     except BaseException:
-        _remove(staging)
+        remove_path(staging)
         if made_parents:
-            _remove(created)
+            remove_path(created)
         raise
     return DenoiseResult(
         input_description=what, nstd=nstd, nstd_source=how, sampler=label,

@@ -363,7 +363,22 @@ def run_coordinator(run_dir: Path, overrides: Sequence[str] = (), *, certs_dir: 
     if code != 0:
         raise FedNdifError(f"the Flower run failed (exit {code}); see "
                            f"{run_dir / 'logs' / 'flwr-run.log'}")
+    done = _last_round(run_dir)
+    if done < int(fed["fl"]["rounds"]):
+        # `flwr run` exits 0 even when the ServerApp crashed: check the run's own record.
+        raise FedNdifError(f"the run stopped after round {done} of {fed['fl']['rounds']}; see "
+                           f"{run_dir / 'logs'}; continue with --resume")
     return run_dir
+
+
+def _last_round(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    rounds = [0]
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+                rounds.append(int(json.loads(line)["round"]))
+    return max(rounds)
 
 
 # --- sites ---------------------------------------------------------------------------------------

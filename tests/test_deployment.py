@@ -111,7 +111,7 @@ def site(procs: Processes, name: str, certs: Path, sites: Path, port: int, *,
                               str(certs / "nodes" / (key or name)), "--data",
                               str(sites / (name if key is None else "site_a")), "--name", name,
                               "--device", "cpu", "--port", str(free_port()),
-                              "--poll-interval", "0.5"])
+                              "--poll-interval", "1"])
 
 
 def wait_for(condition: Callable[[], bool], what: str, procs: Processes,

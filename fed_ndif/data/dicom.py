@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DA, DT, TM, format_number_as_ds
 
+from fed_ndif.atomic import replace_path
 from fed_ndif.data.volume import LPS_TO_RAS, Volume, affine_from_lps
 from fed_ndif.errors import FedNdifError
 
@@ -971,30 +971,12 @@ def write_pet_series(
             ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
             ds.save_as(tmp / f"IM{k + 1:05d}.dcm", enforce_file_format=True)
-        _replace(tmp, out_dir)
+        replace_path(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("wrote derived PET series: %d slices to %s", nz, out_dir)
     return out_dir
-
-
-def _replace(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing target is removed only once ``new`` is in place."""
-    if not target.exists() and not target.is_symlink():
-        os.rename(new, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
 
 
 __all__ = [

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -13,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from fed_ndif.atomic import atomic_file
 from fed_ndif.data.nifti import load_nifti
 
 SUV_WINDOW = (0.0, 6.0)
@@ -44,12 +43,8 @@ def write_site_montage(root: Path, sites: list[str], png: Path) -> None:
     fig.suptitle(f"Synthetic sites, coronal slice through the liver (SUV {SUV_WINDOW[0]:g}-"
                  f"{SUV_WINDOW[1]:g}, patient right on the left)", fontsize=10)
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=png.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=90)
-        os.replace(tmp, png)
+        with atomic_file(png, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=90)
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from fed_ndif.atomic import atomic_file
 from fed_ndif.data.volume import Volume
 from fed_ndif.errors import FedNdifError
 
@@ -30,15 +29,8 @@ def save_nifti(volume: Volume | np.ndarray, path: str | Path, *, affine: np.ndar
     image.header.set_xyzt_units("mm", "sec")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    suffix = "".join(path.suffixes[-2:]) or ".nii.gz"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix="".join(path.suffixes[-2:]) or ".nii.gz") as tmp:
         nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_nifti(path: str | Path) -> Volume:

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from pydicom.uid import generate_uid
 from tqdm import tqdm
 
+from fed_ndif.atomic import replace_path
 from fed_ndif.config import load_config
 from fed_ndif.data.dicom import SyntheticPatient, write_pet_series
 from fed_ndif.data.nifti import save_nifti
@@ -238,13 +239,7 @@ def write_sites(out: Path, cfg: DictConfig, *, overwrite: bool = False,
                 write_dicom=write_dicom)
         for name, rows in manifests.items():
             write_manifest(staging / name / "manifest.csv", rows)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(trash / out.name)
-            staging.rename(out)
-            shutil.rmtree(trash)
-        else:
-            staging.rename(out)
+        replace_path(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -44,8 +44,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"global-round-(\d{4,})\.pt$")
 # How often the ServerApp asks the SuperLink for replies. Flower 1.42's HttpGrid sleeps 3 s
-# between pulls, which adds up to 3 s to every exchange of a deployed round.
-REPLY_POLL_S = 0.2
+# between pulls, which adds up to 3 s to every exchange of a deployed round. Much faster polling
+# made the SuperLink's SQLite state report "database is locked" on a loaded 2-core machine.
+REPLY_POLL_S = 1.0
 
 
 def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float
@@ -59,7 +60,13 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     while pending:
-        got = list(grid.pull_messages(pending))
+        try:
+            got = list(grid.pull_messages(pending))
+        except Exception as exc:  # a busy SuperLink answers 500 now and then: ask again
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("pulling replies failed (%s); retrying", exc)
+            got = []
         replies.extend(got)
         pending.difference_update(m.metadata.reply_to_message_id for m in got)
         if not pending or time.monotonic() >= deadline:

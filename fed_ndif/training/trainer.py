@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -31,6 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, default_collate
 
 import fed_ndif
+from fed_ndif.atomic import atomic_file
 from fed_ndif.data.dataset import Normalization, SliceStackDataset
 from fed_ndif.errors import FedNdifError
 from fed_ndif.evaluation.metrics import volume_metrics
@@ -256,15 +255,8 @@ def set_weights(bundle: ModelBundle, weights: dict[str, np.ndarray], *,
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path, suffix=".pt") as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _cpu_state(state: dict) -> dict:
