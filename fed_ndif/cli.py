@@ -250,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "latest global checkpoint")
     p.add_argument("--wait-for-sites", type=int, default=0, metavar="N", help="start the run "
                    "only once N sites are online (default: 0, the run waits for fl.min_sites)")
+    p.add_argument("--state-db", action="store_true", help="keep the SuperLink's state in "
+                   "RUN_DIR/state.db instead of memory (SQLite: can answer 'database is locked' "
+                   "on a busy machine)")
     p.set_defaults(func=_coordinator)
 
     p = sub.add_parser(
@@ -280,7 +283,8 @@ def _coordinator(args: argparse.Namespace) -> None:
 
     out = run_coordinator(Path(args.run_dir), args.overrides, certs_dir=Path(args.certs),
                           site_keys=[Path(k) for k in args.register], host=args.host,
-                          port=args.port, resume=args.resume, wait_sites=args.wait_for_sites)
+                          port=args.port, resume=args.resume, wait_sites=args.wait_for_sites,
+                          state_db=args.state_db)
     log.info("federation finished: run folder %s", out)
 
 

@@ -5,8 +5,10 @@ Shared by ``fed-ndif simulate`` (a SuperLink in simulation mode) and the real de
 - ``fed-ndif coordinator RUN_DIR``: a SuperLink with TLS and SuperNode authentication, the
   listed site keys registered, and the Fed-NDIF run launched with ``flwr run`` from hydra
   overrides of configs/federated.yaml. Everything of the run lives in RUN_DIR: ``config.yaml``,
-  ``run_config.toml``, ``state.db`` (the SuperLink's state), ``checkpoints/``, ``metrics.jsonl``,
-  ``logs/`` and ``.flwr/`` (FLWR_HOME). ``--resume`` continues from the latest checkpoint.
+  ``run_config.toml``, ``checkpoints/``, ``metrics.jsonl``, ``logs/``, ``.flwr/`` (FLWR_HOME)
+  and, with ``--state-db``, ``state.db`` (the SuperLink's state; by default it is kept in
+  memory: the file-backed SQLite state answered "database is locked" under load, which loses
+  replies). ``--resume`` continues from the latest checkpoint; keys are registered at each start.
 - ``fed-ndif site``: a site's SuperNode (TLS, its private key, its data folder as node config).
 
 Every process started here gets its own session (process group) and is stopped by its id;
@@ -230,7 +232,7 @@ def _client_host(host: str) -> str:
 
 @contextlib.contextmanager
 def tls_superlink(run_dir: Path, certs: ServerCerts, *, host: str, port: int,
-                  tag: str) -> Iterator[str]:
+                  tag: str, state_db: bool = False) -> Iterator[str]:
     """A SuperLink with TLS and SuperNode authentication; yields its address."""
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -239,9 +241,13 @@ def tls_superlink(run_dir: Path, certs: ServerCerts, *, host: str, port: int,
         "flower-superlink", "--ssl-ca-certfile", str(certs.ca), "--ssl-certfile",
         str(certs.cert), "--ssl-keyfile", str(certs.key), "--enable-supernode-auth",
         "--disable-runtime-dependency-installation", "--host", host, "--port", str(port),
-        "--database", str(run_dir / "state.db"),
     ]
-    env = flower_env(run_dir / ".flwr", **{PROCESS_TAG: tag})
+    if state_db:
+        command += ["--database", str(run_dir / "state.db")]
+    # The SuperLink's own SuperExec (ServerApp launcher) keeps Flower's 1 s task poll: each poll
+    # is a query on the SuperLink's state.
+    env = flower_env(run_dir / ".flwr", **{PROCESS_TAG: tag,
+                                           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "1.0"})
     with log_file.open("ab") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
@@ -323,7 +329,7 @@ def coordinator_config(run_dir: Path, overrides: Sequence[str], *, resume: bool
 def run_coordinator(run_dir: Path, overrides: Sequence[str] = (), *, certs_dir: Path,
                     site_keys: Sequence[Path] = (), host: str = "127.0.0.1",
                     port: int = DEFAULT_PORT, resume: bool = False, wait_sites: int = 0,
-                    wait_timeout_s: float = 600.0) -> Path:
+                    wait_timeout_s: float = 600.0, state_db: bool = False) -> Path:
     """Start the SuperLink, register the site keys, run (or resume) the federation."""
     from omegaconf import OmegaConf
 
@@ -344,7 +350,7 @@ def run_coordinator(run_dir: Path, overrides: Sequence[str] = (), *, certs_dir: 
     env = flower_env(flwr_home, **{PROCESS_TAG: tag})
     try:
         with terminate_on_sigterm(), tls_superlink(run_dir, certs, host=host, port=port,
-                                                   tag=tag) as address:
+                                                   tag=tag, state_db=state_db) as address:
             write_connection(flwr_home, address, root_certificates=certs.ca)
             register_site_keys(keys, env)
             log.info("ready: sites can connect to %s", address)

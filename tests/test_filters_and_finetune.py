@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ from fed_ndif.training.trainer import read_checkpoint, train_local
 
 def test_tuned_gaussian_smooths_noise_and_leaves_clean_data_nearly_alone():
     rng = np.random.default_rng(0)
-    z, y, x = np.mgrid[:12, :24, :24]
+    _, y, x = np.mgrid[:12, :24, :24]
     truth = 2.0 + 6.0 * (((y - 12) ** 2 + (x - 12) ** 2) < 25)
     noisy = [(truth + rng.normal(0, 1.0, truth.shape), truth, (4.0, 4.0, 4.0)) for _ in range(2)]
     tuned = tune_filter("gaussian", noisy)

@@ -69,3 +69,11 @@ def test_cnr_falls_as_background_noise_rises():
     (n,) = lesion_metrics(noisy, reference, lesions)
     assert q.cnr > 3 * n.cnr > 0
     assert abs(q.suvmean_bias_pct) < 2
+
+
+def test_contrast_recovery_is_left_out_for_lesions_invisible_at_full_count():
+    reference, lesions = _lesion_case()
+    reference[lesions > 0] = 2.2  # lesion/background 1.1: not a visible lesion
+    (result,) = lesion_metrics(reference * 1.0, reference, lesions)
+    assert math.isnan(result.contrast_recovery)
+    assert result.suvmax_bias_pct == pytest.approx(0.0)

@@ -16,6 +16,9 @@ from scipy import ndimage
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 BACKGROUND_SHELL_VOXELS = 3  # in-plane dilation of a lesion that defines its local background
+# Contrast recovery is a ratio of contrasts: for lesions barely visible in the full-count image
+# (lesion/background < 1.5) it divides by ~0 and means nothing, so it is left out for them.
+MIN_REFERENCE_CONTRAST = 0.5
 
 
 def data_range(reference: np.ndarray) -> float:
@@ -84,7 +87,8 @@ def lesion_metrics(output: np.ndarray, reference: np.ndarray, lesions: np.ndarra
             label=int(label), voxels=int(mask.sum()),
             suvmax_bias_pct=100 * (out_max - ref_max) / ref_max if ref_max > 0 else math.nan,
             suvmean_bias_pct=100 * (out_mean - ref_mean) / ref_mean if ref_mean > 0 else math.nan,
-            contrast_recovery=out_contrast / ref_contrast if ref_contrast > 0 else math.nan,
+            contrast_recovery=(out_contrast / ref_contrast
+                               if ref_contrast >= MIN_REFERENCE_CONTRAST else math.nan),
             cnr=(out_mean - out_bg) / bg_std if bg_std > 0 else math.nan,
         ))
     return results

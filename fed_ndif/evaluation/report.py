@@ -152,8 +152,9 @@ def write_report(run: Path, rows: list[dict], method_order: list[str], *,
         "range: the full-count volume's maximum SUV (per study). SSIM: 3D, 7-voxel window "
         "(scikit-image), same data range. Lesion metrics use lesions of at least 8 voxels; "
         "bias is against the full-count image (not the phantom truth); contrast recovery = "
-        "output lesion contrast / full-count lesion contrast; CNR = (lesion mean - background "
-        "mean) / background SD in a 3-voxel ring. Liver NSTD: std/mean in the liver mask "
+        "output lesion contrast / full-count lesion contrast (lesions with a full-count "
+        "lesion/background ratio of at least 1.5); CNR = (lesion mean - background mean) / "
+        "background SD in a 3-voxel ring. Liver NSTD: std/mean in the liver mask "
         "(texture: far below the full-count value means over-smoothed).\n",
         *[f"- {note}" for note in notes], "",
         "## All sites and count levels (mean ± sd over test studies)\n",

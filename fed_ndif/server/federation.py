@@ -49,14 +49,24 @@ CHECKPOINT_PATTERN = re.compile(r"global-round-(\d{4,})\.pt$")
 REPLY_POLL_S = 1.0
 
 
-def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float
-                     ) -> list[Message]:
-    """``grid.send_and_receive``, polling a deployed SuperLink every REPLY_POLL_S seconds."""
+def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float,
+                     destinations: dict[str, int] | None = None) -> list[Message]:
+    """``grid.send_and_receive``, polling a deployed SuperLink every REPLY_POLL_S seconds.
+
+    ``destinations`` receives message id -> destination node: an error reply the SuperLink
+    makes for a node that vanished comes from the SuperLink, not from that node.
+    """
     from flwr.superlink.grid import HttpGrid
 
     if not isinstance(grid, HttpGrid):
         return list(grid.send_and_receive(messages, timeout=timeout))
-    pending = set(grid.push_messages(messages))
+    messages = list(messages)
+    ids = list(grid.push_messages(messages))
+    if destinations is not None:
+        destinations.clear()
+        destinations.update({i: m.metadata.dst_node_id for i, m in zip(ids, messages,
+                                                                        strict=False)})
+    pending = set(ids)
     replies: list[Message] = []
     deadline = time.monotonic() + timeout
     while pending:
@@ -96,6 +106,7 @@ class CheckedFedAvg(FedAvg):
         super().__init__(**kwargs)
         self.spec = spec_of(reference)
         self.site_names: dict[int, str] = {}  # node id -> site name, learnt from replies
+        self.destinations: dict[str, int] = {}  # message id -> node id, of the last exchange
         self.last_train = RoundReport()
         self.last_evaluate = RoundReport()
 
@@ -132,7 +143,9 @@ class CheckedFedAvg(FedAvg):
 
     def _site_of(self, reply: Message) -> str:
         node = reply.metadata.src_node_id
-        if not reply.has_error():
+        if reply.has_error():
+            node = self.destinations.get(reply.metadata.reply_to_message_id, node)
+        else:
             with contextlib.suppress(KeyError, TypeError):
                 self.site_names[node] = str(reply.content["site"]["name"])
         return self.site_names.get(node, f"node {node}")
@@ -218,7 +231,7 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
             started = time.perf_counter()
             replies = send_and_receive(
                 grid, strategy.configure_train(server_round, arrays, train_config, grid),
-                timeout=timeout)
+                timeout=timeout, destinations=checked.destinations)
             new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
             if new_arrays is not None:
                 arrays = new_arrays
@@ -230,7 +243,7 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
             if int(fl["evaluate_max_studies"]) > 0:
                 eval_replies = send_and_receive(
                     grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
-                    timeout=timeout)
+                    timeout=timeout, destinations=checked.destinations)
                 eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
             record = {
                 "round": server_round, "seconds": time.perf_counter() - started,
