@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from fed_ndif.launch import (
     new_tag,
     project_root,
     stop_process,
+    stream_process,
     wait_for_port,
 )
 from fed_ndif.run_config import pyproject_app_config
@@ -105,19 +105,9 @@ def run_flower_simulation(fed: dict[str, Any], *, n_sites: int, cpus_per_site: f
                    cpus_per_site))))}
         log.info("running %d simulated sites with Flower (logs in %s)", n_sites,
                  work_dir / "logs")
-        with (work_dir / "logs" / "flwr-run.log").open("ab") as out:
-            process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                assert process.stdout is not None
-                for line in process.stdout:
-                    out.write(line)
-                    sys.stderr.buffer.write(line)
-                process.wait()
-            finally:
-                stop_process(process)
-    if process.returncode != 0:
-        raise FedNdifError(f"the Flower run failed (exit {process.returncode}); see "
+        returncode = stream_process(command, env, work_dir / "logs" / "flwr-run.log")
+    if returncode != 0:
+        raise FedNdifError(f"the Flower run failed (exit {returncode}); see "
                            f"{work_dir / 'logs' / 'flwr-run.log'}")
 
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -22,16 +20,7 @@ from fed_ndif.data.nstd import measure_liver_nstd
 from fed_ndif.data.sites import make_sites
 from fed_ndif.models.denoise_volume import denoise_volume
 from fed_ndif.training.trainer import load_checkpoint, sampler_config, train_local
-
-
-def _tool(name: str) -> str:
-    """Path of a command-line tool; missing is a skip locally and a failure in CI."""
-    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
-    if found is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{name} is not installed, and CI must run this check")
-        pytest.skip(f"{name} is not installed")
-    return found
+from tests.helpers.tools import require_tool
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +104,7 @@ def test_dicom_output_layout_and_values(trained, dicom_run):
 
 
 def test_dicom_output_passes_dciodvfy(dicom_run):
-    tool = _tool("dciodvfy")
+    tool = require_tool("dciodvfy")
     problems = []
     for series in ("denoised", "uncertainty"):
         for path in sorted((dicom_run / series).iterdir()):
@@ -126,7 +115,7 @@ def test_dicom_output_passes_dciodvfy(dicom_run):
 
 
 def test_dcm2niix_converts_to_the_input_geometry(trained, dicom_run, tmp_path):
-    tool = _tool("dcm2niix")
+    tool = require_tool("dcm2niix")
     subprocess.run([tool, "-z", "y", "-b", "n", "-f", "converted", "-o", str(tmp_path),
                     str(dicom_run / "denoised")], check=True, capture_output=True, timeout=120)
     (path,) = tmp_path.glob("converted*.nii.gz")

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -18,16 +15,7 @@ from fed_ndif.data.dicom import SyntheticPatient, read_pet_series, write_pet_ser
 from fed_ndif.data.volume import Volume, axial_affine
 from fed_ndif.errors import FedNdifError
 from tests.helpers.dicom_factory import SeriesSpec, make_series
-
-
-def _tool(name: str) -> str:
-    """Path of a command-line tool; missing is a skip locally and a failure in CI."""
-    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
-    if found is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{name} is not installed, and CI must run this check")
-        pytest.skip(f"{name} is not installed")
-    return found
+from tests.helpers.tools import require_tool
 
 
 def _synthetic_volume(shape=(6, 16, 20), spacing=(3.0, 4.0, 3.5), seed=0) -> Volume:
@@ -206,7 +194,7 @@ def _dciodvfy_errors(tool: str, folder: Path) -> list[str]:
 
 
 def test_dciodvfy_reports_no_errors(source, tmp_path):
-    tool = _tool("dciodvfy")
+    tool = require_tool("dciodvfy")
     synthetic = write_pet_series(_synthetic_volume(shape=(3, 8, 8)), tmp_path / "syn",
                                  template=None, series_description="synthetic",
                                  derivation_description="simulated",
@@ -235,7 +223,7 @@ def _dcm2niix(tool: str, folder: Path, out: Path) -> nib.Nifti1Image:
 
 @pytest.mark.parametrize("kind", ["synthetic", "derived"])
 def test_dcm2niix_same_geometry(source, tmp_path, kind):
-    tool = _tool("dcm2niix")
+    tool = require_tool("dcm2niix")
     if kind == "synthetic":
         volume = _synthetic_volume(shape=(5, 12, 14))
         folder = write_pet_series(volume, tmp_path / "dcm", template=None, series_description="s",

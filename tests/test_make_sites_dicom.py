@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,19 +14,10 @@ from fed_ndif.cli import main
 from fed_ndif.data.dicom import read_pet_series
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.sites import make_sites
+from tests.helpers.tools import require_tool
 
 SMALL = ["sites=tiny", "sites.site_a.subjects=1", "sites.site_b.subjects=1",
          "sites.site_c.subjects=1"]
-
-
-def _tool(name: str) -> str:
-    """Path of a command-line tool; missing is a skip locally and a failure in CI."""
-    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
-    if found is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"{name} is not installed, and CI must run this check")
-        pytest.skip(f"{name} is not installed")
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +92,7 @@ def test_same_seed_gives_identical_dicom_files(dicom_sites, tmp_path):
 
 
 def test_dciodvfy_reports_no_errors(dicom_sites):
-    tool = _tool("dciodvfy")
+    tool = require_tool("dciodvfy")
     problems = []
     for folder in _series_dirs(dicom_sites)[:4]:
         for path in sorted(folder.iterdir())[:3]:
