@@ -36,16 +36,20 @@ class Normalization:
 
     Defaults: clip at 50 SUV, not 16. Lesions in liver reach SUV 20-30 in the phantoms (and in
     patients), and a clip below them flattens exactly the peaks lesion SUVmax is measured on;
-    50 only guards against implausible spikes (bladder, artefacts). ``scale`` = 5 SUV puts
-    background organs at 0.1-0.6 and lesions at 1-6 units, a range a unit-variance diffusion
-    process handles without clipping. No offset: 0 SUV (air) stays 0, and the samplers clamp
-    predicted x0 to ``[clip_min, clip_max] / scale`` (non-negative activity). Checkpoints carry
-    it, so inference inverts exactly what training did.
+    50 only guards against implausible spikes (bladder, artefacts). ``scale`` = 1 SUV per unit:
+    the diffusion noise (unit variance) must be comparable to what the low-count input cannot
+    explain (noise and lost detail, a few tenths of an SUV), or the noisy image x_t carries
+    information only at the last few percent of timesteps and the network learns to ignore it,
+    collapsing every sampler to the smooth posterior mean. With 5 SUV per unit that is what a
+    benchmark measured (benchmarks/model_results.md): lesion peaks 24 % low whatever the
+    sampler; 1 SUV per unit restored the dependence on x_t. No offset: 0 SUV (air) stays 0,
+    and the samplers clamp predicted x0 to ``[clip_min, clip_max] / scale`` (non-negative
+    activity). Checkpoints carry it, so inference inverts exactly what training did.
     """
 
     clip_min: float = 0.0
     clip_max: float = 50.0
-    scale: float = 5.0
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not (self.scale > 0 and self.clip_max > self.clip_min):

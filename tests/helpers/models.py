@@ -28,7 +28,7 @@ TINY_CFG = {
               "log_every": 2, "val_every": 0, "val_max_studies": 1, "checkpoint_every": 0,
               "workers": 0, "device": "cpu", "init_from": None},
     "data": {"count_levels": None,
-             "normalization": {"clip_min": 0.0, "clip_max": 50.0, "scale": 5.0}},
+             "normalization": {"clip_min": 0.0, "clip_max": 50.0, "scale": 1.0}},
 }
 
 
