@@ -41,7 +41,7 @@ class Normalization:
     explain (noise and lost detail, a few tenths of an SUV), or the noisy image x_t carries
     information only at the last few percent of timesteps and the network learns to ignore it,
     collapsing every sampler to the smooth posterior mean. With 5 SUV per unit that is what a
-    benchmark measured (benchmarks/model_results.md): lesion peaks 24 % low whatever the
+    benchmark measured (BENCHMARKS.md, issue 4 section): lesion peaks 24 % low whatever the
     sampler; 1 SUV per unit restored the dependence on x_t. No offset: 0 SUV (air) stays 0,
     and the samplers clamp predicted x0 to ``[clip_min, clip_max] / scale`` (non-negative
     activity). Checkpoints carry it, so inference inverts exactly what training did.
