@@ -34,14 +34,24 @@ def _mean_sd(values: list[float], fmt: str) -> str:
     return f"{fmt.format(float(np.mean(finite)))} ± {fmt.format(float(np.std(finite, ddof=1)))}"
 
 
+def method_labels(rows: list[dict]) -> dict[str, str]:
+    """Report name of each method; a filter tuned per site gets one name, not one site's value."""
+    seen: dict[str, set[str]] = defaultdict(set)
+    for row in rows:
+        seen[row["method"]].add(row["label"])
+    return {method: next(iter(labels)) if len(labels) == 1
+            else f"{sorted(labels)[0].split(' (')[0]} (tuned per site)"
+            for method, labels in seen.items()}
+
+
 def tables(rows: list[dict], method_order: list[str]) -> str:
     """One markdown table per site and count level: mean ± sd over test subjects."""
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for row in rows:
         groups[(row["site"], row["count_level"])].append(row)
-    labels = {row["method"]: row["label"] for row in rows}
     out = []
     for (site, level), group in sorted(groups.items()):
+        labels = method_labels(group)
         subjects = sorted({r["subject"] for r in group})
         full_nstd = _mean_sd([r["full_count_liver_nstd"] for r in group
                               if r["method"] == method_order[0]], "{:.3f}")
@@ -61,7 +71,7 @@ def tables(rows: list[dict], method_order: list[str]) -> str:
 
 def overall_table(rows: list[dict], method_order: list[str]) -> str:
     """Mean over every test study of every site and level (each study weighs the same)."""
-    labels = {row["method"]: row["label"] for row in rows}
+    labels = method_labels(rows)
     out = ["| method | " + " | ".join(h for _, h, _ in TABLE_METRICS) + " |",
            "|---" * (len(TABLE_METRICS) + 1) + "|"]
     for method in method_order:
@@ -74,7 +84,7 @@ def overall_table(rows: list[dict], method_order: list[str]) -> str:
 
 
 def figure_metric_vs_level(rows: list[dict], method_order: list[str], png: Path) -> None:
-    labels = {row["method"]: row["label"] for row in rows}
+    labels = method_labels(rows)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, (key, title) in zip(axes, (("psnr", "PSNR (dB)"),
                                        ("abs_suvmax_bias_pct", "|SUVmax bias| (%)"),
