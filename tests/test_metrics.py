@@ -77,3 +77,17 @@ def test_contrast_recovery_is_left_out_for_lesions_invisible_at_full_count():
     (result,) = lesion_metrics(reference * 1.0, reference, lesions)
     assert math.isnan(result.contrast_recovery)
     assert result.suvmax_bias_pct == pytest.approx(0.0)
+
+
+def test_metrics_csv_round_trip_keeps_missing_lesion_metrics_as_nan(tmp_path):
+    from fed_ndif.evaluation.compare import read_rows, write_rows
+    from fed_ndif.evaluation.report import overall_table
+
+    rows = [{"site": "a", "subject": "s1", "count_level": 0.1, "method": "input",
+             "label": "Low-count input", "psnr": 30.0, "ssim": 0.9, "nmse": 0.1,
+             "liver_nstd": 0.3, "full_count_liver_nstd": 0.1}]
+    write_rows(tmp_path / "m.csv", rows)
+    (back,) = read_rows(tmp_path / "m.csv")
+    assert back["psnr"] == 30.0 and back["count_level"] == 0.1
+    assert math.isnan(back["abs_suvmax_bias_pct"])
+    assert "| Low-count input | 30.00 |" in overall_table([back], ["input"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,7 @@ def read_rows(path: Path) -> list[dict]:
         rows = list(csv.DictReader(handle))
     for row in rows:
         for key in FIELDS:
-            if key not in ("site", "subject", "method", "label") and row.get(key) not in (None, ""):
-                row[key] = float(row[key])
+            if key not in ("site", "subject", "method", "label"):
+                # A metric that does not apply (no lesion large enough) is written empty.
+                row[key] = float(row[key]) if row.get(key) not in (None, "") else math.nan
     return rows
