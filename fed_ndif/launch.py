@@ -62,6 +62,21 @@ def project_root() -> Path:
     return root
 
 
+def flower_command(name: str) -> str:
+    """A Flower executable: the one installed beside this Python (the venv), else on PATH.
+
+    Looking beside ``sys.executable`` first means commands work without an activated venv.
+    """
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FedNdifError(f"{name} is not installed beside {sys.executable} nor on PATH "
+                           "(install flwr 1.42)")
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -127,8 +142,10 @@ def new_tag() -> str:
 
 
 def flower_env(flwr_home: Path | None, **extra: str) -> dict[str, str]:
-    """Environment for Flower's commands: no telemetry, fast SuperExec polling, FLWR_HOME."""
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0",
+    """Environment for Flower's commands: no telemetry, fast SuperExec polling, FLWR_HOME, and
+    this Python's folder first on PATH (Flower starts its own helpers by name)."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "FLWR_TELEMETRY_ENABLED": "0",
            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get(
                "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(SUPEREXEC_POLL_S)), **extra}
     if flwr_home is not None:
@@ -238,7 +255,7 @@ def tls_superlink(run_dir: Path, certs: ServerCerts, *, host: str, port: int,
     logs.mkdir(parents=True, exist_ok=True)
     log_file = logs / "superlink.log"
     command = [
-        "flower-superlink", "--ssl-ca-certfile", str(certs.ca), "--ssl-certfile",
+        flower_command("flower-superlink"), "--ssl-ca-certfile", str(certs.ca), "--ssl-certfile",
         str(certs.cert), "--ssl-keyfile", str(certs.key), "--enable-supernode-auth",
         "--disable-runtime-dependency-installation", "--host", host, "--port", str(port),
     ]
@@ -262,7 +279,8 @@ def tls_superlink(run_dir: Path, certs: ServerCerts, *, host: str, port: int,
 
 
 def _flwr(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["flwr", *args], env=env, capture_output=True, text=True, check=False)
+    return subprocess.run([flower_command("flwr"), *args], env=env, capture_output=True,
+                          text=True, check=False)
 
 
 def registered_keys(env: dict[str, str]) -> int:
@@ -338,8 +356,7 @@ def run_coordinator(run_dir: Path, overrides: Sequence[str] = (), *, certs_dir: 
     run_dir = run_dir.resolve()
     certs = ServerCerts.from_dir(certs_dir.resolve())
     keys = [check_public_key(Path(k).resolve()) for k in site_keys]
-    if shutil.which("flower-superlink") is None:
-        raise FedNdifError("flower-superlink is not on PATH (install flwr 1.42)")
+    flower_command("flower-superlink")  # fail before anything is written
     fed = coordinator_config(run_dir, overrides, resume=resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(fed)))
@@ -360,7 +377,8 @@ def run_coordinator(run_dir: Path, overrides: Sequence[str] = (), *, certs_dir: 
             if wait_sites:
                 wait_for_sites(wait_sites, env, timeout_s=wait_timeout_s)
             log.info("%s the federation in %s", "resuming" if resume else "starting", run_dir)
-            code = stream_process(["flwr", "run", str(project_root()), CONNECTION, "--stream",
+            code = stream_process([flower_command("flwr"), "run", str(project_root()),
+                                   CONNECTION, "--stream",
                                    "--run-config", str(run_config)], env,
                                   run_dir / "logs" / "flwr-run.log")
     except KeyboardInterrupt as exc:

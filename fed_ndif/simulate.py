@@ -27,6 +27,8 @@ from fed_ndif.data.sites import SITE_CONFIG_KEYS, write_sites
 from fed_ndif.errors import FedNdifError
 from fed_ndif.launch import (
     PROCESS_TAG,
+    flower_command,
+    flower_env,
     free_port,
     kill_tagged,
     new_tag,
@@ -64,15 +66,14 @@ def local_superlink(flwr_home: Path, logs: Path) -> Iterator[str]:
     logs.mkdir(parents=True, exist_ok=True)
     log_file = logs / "superlink.log"
     command = [
-        "flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
-        "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
+        flower_command("flower-superlink"), "--insecure", "--simulation", "--isolation",
+        "subprocess", "--disable-runtime-dependency-installation", "--host", "127.0.0.1",
         "--port", str(port), "--database", str(flwr_home / "state.db"),
     ]
     # Every process the SuperLink spawns (SuperExec, simulation, Ray workers) inherits this
     # tag, so the ones that outlive it can be found and stopped too.
     tag = new_tag()
-    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
-           PROCESS_TAG: tag}
+    env = flower_env(flwr_home, **{PROCESS_TAG: tag})
     with log_file.open("ab") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    start_new_session=True)
@@ -98,11 +99,10 @@ def run_flower_simulation(fed: dict[str, Any], *, n_sites: int, cpus_per_site: f
         }}))
         federation = (f"num-supernodes={n_sites} client-resources-num-cpus={cpus_per_site:g} "
                       f"client-resources-num-gpus={gpus_per_site:g}")
-        command = ["flwr", "run", str(project_root()), "simulation", "--stream",
-                   "--run-config", str(run_config), "--federation-config", federation]
-        env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
-               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, int(
-                   cpus_per_site))))}
+        command = [flower_command("flwr"), "run", str(project_root()), "simulation",
+                   "--stream", "--run-config", str(run_config), "--federation-config", federation]
+        env = flower_env(flwr_home, OMP_NUM_THREADS=os.environ.get(
+            "OMP_NUM_THREADS", str(max(1, int(cpus_per_site)))))
         log.info("running %d simulated sites with Flower (logs in %s)", n_sites,
                  work_dir / "logs")
         returncode = stream_process(command, env, work_dir / "logs" / "flwr-run.log")

@@ -120,6 +120,10 @@ def wait_for(condition: Callable[[], bool], what: str, procs: Processes,
     while time.monotonic() < deadline:
         if condition():
             return
+        coordinator = procs.started.get("coordinator")
+        if coordinator is not None and coordinator[0].poll() is not None and not condition():
+            pytest.fail(f"the coordinator exited ({coordinator[0].returncode}) while waiting "
+                        f"for {what}\n{procs.dump()}")
         time.sleep(0.5)
     pytest.fail(f"timed out waiting for {what}\n{procs.dump()}")
 
