@@ -81,7 +81,7 @@ def test_contrast_recovery_is_left_out_for_lesions_invisible_at_full_count():
 
 def test_metrics_csv_round_trip_keeps_missing_lesion_metrics_as_nan(tmp_path):
     from fed_ndif.evaluation.compare import read_rows, write_rows
-    from fed_ndif.evaluation.report import overall_table
+    from fed_ndif.evaluation.report import metric_table
 
     rows = [{"site": "a", "subject": "s1", "count_level": 0.1, "method": "input",
              "label": "Low-count input", "psnr": 30.0, "ssim": 0.9, "nmse": 0.1,
@@ -90,4 +90,4 @@ def test_metrics_csv_round_trip_keeps_missing_lesion_metrics_as_nan(tmp_path):
     (back,) = read_rows(tmp_path / "m.csv")
     assert back["psnr"] == 30.0 and back["count_level"] == 0.1
     assert math.isnan(back["abs_suvmax_bias_pct"])
-    assert "| Low-count input | 30.00 |" in overall_table([back], ["input"])
+    assert "| Low-count input | 30.00 |" in metric_table([back], ["input"])

@@ -51,26 +51,18 @@ def tables(rows: list[dict], method_order: list[str]) -> str:
         groups[(row["site"], row["count_level"])].append(row)
     out = []
     for (site, level), group in sorted(groups.items()):
-        labels = method_labels(group)
         subjects = sorted({r["subject"] for r in group})
         full_nstd = _mean_sd([r["full_count_liver_nstd"] for r in group
                               if r["method"] == method_order[0]], "{:.3f}")
         out.append(f"### {site}, {100 * level:g} % counts ({len(subjects)} test subject"
                    f"{'s' if len(subjects) != 1 else ''}; full-count liver NSTD {full_nstd})\n")
-        out.append("| method | " + " | ".join(h for _, h, _ in TABLE_METRICS) + " |")
-        out.append("|---" * (len(TABLE_METRICS) + 1) + "|")
-        for method in method_order:
-            mine = [r for r in group if r["method"] == method]
-            if mine:
-                out.append(f"| {labels[method]} | " + " | ".join(
-                    _mean_sd([r.get(key, math.nan) for r in mine], fmt)
-                    for key, _, fmt in TABLE_METRICS) + " |")
-        out.append("")
+        out += [metric_table(group, method_order), ""]
     return "\n".join(out)
 
 
-def overall_table(rows: list[dict], method_order: list[str]) -> str:
-    """Mean over every test study of every site and level (each study weighs the same)."""
+def metric_table(rows: list[dict], method_order: list[str]) -> str:
+    """Mean ± sd over the given test studies, one line per method (each study weighs the
+    same)."""
     labels = method_labels(rows)
     out = ["| method | " + " | ".join(h for _, h, _ in TABLE_METRICS) + " |",
            "|---" * (len(TABLE_METRICS) + 1) + "|"]
@@ -168,7 +160,7 @@ def write_report(run: Path, rows: list[dict], method_order: list[str], *,
         "(texture: far below the full-count value means over-smoothed).\n",
         *[f"- {note}" for note in notes], "",
         "## All sites and count levels (mean ± sd over test studies)\n",
-        overall_table(rows, method_order), "",
+        metric_table(rows, method_order), "",
         "![metrics against count level](figures/metrics_vs_count_level.png)\n",
     ]
     if curves:
