@@ -115,14 +115,15 @@ def site(procs: Processes, name: str, certs: Path, sites: Path, port: int, *,
 
 
 def wait_for(condition: Callable[[], bool], what: str, procs: Processes,
-             timeout_s: float = WAIT_S) -> None:
+             timeout_s: float = WAIT_S, *, watch: str = "coordinator") -> None:
+    """Wait for ``condition``; fail at once if the ``watch`` process has exited without it."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if condition():
             return
-        coordinator = procs.started.get("coordinator")
+        coordinator = procs.started.get(watch)
         if coordinator is not None and coordinator[0].poll() is not None and not condition():
-            pytest.fail(f"the coordinator exited ({coordinator[0].returncode}) while waiting "
+            pytest.fail(f"{watch} exited ({coordinator[0].returncode}) while waiting "
                         f"for {what}\n{procs.dump()}")
         time.sleep(0.5)
     pytest.fail(f"timed out waiting for {what}\n{procs.dump()}")
@@ -252,11 +253,12 @@ def test_a_stopped_coordinator_resumes_from_its_checkpoint(tmp_path, processes, 
         sys.executable, "-m", "fed_ndif.cli", "coordinator", str(run_dir), "--resume",
         "--certs", str(certs), "--port", str(port), *register])
     wait_for(lambda: "ready: sites can connect" in processes.log("coordinator-resumed"),
-             "the resumed coordinator to register the sites", processes)
+             "the resumed coordinator to register the sites", processes,
+             watch="coordinator-resumed")
     for name in SITES:
         site(processes, name, certs, sites, port)
     wait_for(lambda: processes.started["coordinator-resumed"][0].poll() is not None,
-             "the resumed run to finish", processes)
+             "the resumed run to finish", processes, watch="coordinator-resumed")
     assert processes.started["coordinator-resumed"][0].returncode == 0, processes.dump()
     history = rounds(run_dir)
     assert [r["round"] for r in history] == [1, 2]  # round 2 only was run again
