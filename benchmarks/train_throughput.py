@@ -24,9 +24,10 @@ from fed_ndif.training.trainer import build_bundle, train_step
 
 
 def measure(kind: str, size: int, *, model: str, batch: int, warmup: int, steps: int,
-            repeats: int, seed: int) -> dict:
+            repeats: int, seed: int, overrides: list[str]) -> dict:
     cfg = load_config("train_local", [f"model={model}", f"model.kind={kind}", "train.device=cpu",
-                                      f"train.batch_size={batch}", f"train.seed={seed}"])
+                                      f"train.batch_size={batch}", f"train.seed={seed}",
+                                      *overrides])
     bundle = build_bundle(cfg)
     k = bundle.k
     g = torch.Generator().manual_seed(seed)
@@ -66,14 +67,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("overrides", nargs="*", help="train_local config overrides, key=value")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
     for size in args.sizes:
         for kind in args.kinds:
             row = measure(kind, size, model=args.model, batch=args.batch, warmup=args.warmup,
-                          steps=args.steps, repeats=args.repeats, seed=args.seed)
+                          steps=args.steps, repeats=args.repeats, seed=args.seed,
+                          overrides=args.overrides)
             row["threads"] = args.threads
+            row["overrides"] = args.overrides
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\nmachine: {platform.machine()} {platform.processor() or ''} "

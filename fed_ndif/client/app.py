@@ -29,6 +29,7 @@ from fed_ndif.training.trainer import (
     set_weights,
     train_steps,
 )
+from fed_ndif.transfer import encode_update
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     local_steps = int(cfg["fl"]["local_steps"])
     dataset = _dataset(manifest, "train", cfg)
+    received = get_weights(bundle)
     # Batches of round r continue where round r-1 stopped: no slice is favoured.
     bundle.step = (server_round - 1) * local_steps
     metrics = train_steps(bundle, make_train_batches(bundle, dataset), local_steps)
@@ -103,7 +105,8 @@ def train(msg: Message, context: Context) -> Message:
     # FedAvg weights each site by its number of training slice stacks.
     metrics = {"train_loss": metrics["loss"], "train_seconds": metrics["seconds"],
                "num-examples": float(len(dataset))}
-    return _reply(msg, name, metrics, get_weights(bundle))
+    return _reply(msg, name, metrics, encode_update(get_weights(bundle), received,
+                                                    str(cfg["fl"]["transfer_dtype"])))
 
 
 @app.evaluate()

@@ -39,6 +39,7 @@ from fed_ndif.training.trainer import (
     save_checkpoint,
     set_weights,
 )
+from fed_ndif.transfer import check_transfer_dtype, decode_update, encode_global, received_weights
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,20 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float,
             break
         time.sleep(REPLY_POLL_S)
     return replies
+
+
+def decode_replies(replies: Iterable[Message], received: dict[str, np.ndarray],
+                   transfer: str) -> list[Message]:
+    """Replies with each site's update turned back into its float32 weights (fed_ndif.transfer)."""
+    decoded = []
+    for reply in replies:
+        if transfer != "float32" and not reply.has_error() and "arrays" in reply.content:
+            with contextlib.suppress(TypeError, ValueError, KeyError):
+                reply.content["arrays"] = to_array_record(
+                    decode_update(from_array_record(reply.content["arrays"]), received,
+                                  transfer))
+        decoded.append(reply)
+    return decoded
 
 
 @dataclass
@@ -222,6 +237,8 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
             strategy, noise_multiplier=float(fl["dp"]["noise_multiplier"]),
             clipping_norm=float(fl["dp"]["clipping_norm"]),
             num_sampled_clients=int(fl["min_sites"]))
+    transfer = str(fl.get("transfer_dtype", "float32"))
+    check_transfer_dtype(transfer)
     tracker = _tracker(cfg, run_dir)
     arrays = to_array_record(weights)
     train_config = ConfigRecord({"local-steps": int(fl["local_steps"])})
@@ -229,9 +246,17 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
     try:
         for server_round in range(start_round + 1, int(fl["rounds"]) + 1):
             started = time.perf_counter()
+            global_weights = from_array_record(arrays)
+            sent = to_array_record(encode_global(global_weights, transfer))
             replies = send_and_receive(
-                grid, strategy.configure_train(server_round, arrays, train_config, grid),
+                grid, strategy.configure_train(server_round, sent, train_config, grid),
                 timeout=timeout, destinations=checked.destinations)
+            replies = decode_replies(replies, received_weights(global_weights, transfer),
+                                     transfer)
+            # The DP wrapper clips each (decoded) update against the round's model: give it the
+            # float32 master, not the float16 copy that was sent.
+            if strategy is not checked:
+                strategy.current_arrays = arrays
             new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
             if new_arrays is not None:
                 arrays = new_arrays
@@ -242,7 +267,10 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
             eval_metrics = None
             if int(fl["evaluate_max_studies"]) > 0:
                 eval_replies = send_and_receive(
-                    grid, strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+                    grid, strategy.configure_evaluate(
+                        server_round, to_array_record(encode_global(from_array_record(arrays),
+                                                                    transfer)),
+                        ConfigRecord(), grid),
                     timeout=timeout, destinations=checked.destinations)
                 eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
             record = {
@@ -252,7 +280,7 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
                 "failed": checked.last_train.failed,
                 "per_site": {site: {**m, **checked.last_evaluate.metrics.get(site, {})}
                              for site, m in checked.last_train.metrics.items()},
-                "update_bytes": int(arrays.count_bytes()),
+                "update_bytes": int(sent.count_bytes()),
             }
             with (run_dir / "metrics.jsonl").open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
