@@ -120,6 +120,10 @@ def sampler_grid(base: SamplerConfig, grid: str, t_start: int) -> dict[str, Samp
             out[f"{start_name}_s{steps}_k1"] = make(steps=steps, samples=1, **start_kw)
         for steps in STEPS_K4:
             out[f"{start_name}_s{steps}_k4"] = make(steps=steps, samples=4, **start_kw)
+    # The field's references (issue 9): ancestral DDPM on 100 of the 1000 times, and a
+    # DDPET-style sampler (25 DDIM steps warm-started from the U-Net, 2 seeds averaged).
+    out["ddpm_s100_k1"] = make(name="ddpm", steps=100, samples=1, **starts["noise"])
+    out["ddpet_s25_k2"] = make(steps=25, samples=2, **starts["unet"])
     return out
 
 

@@ -274,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "ClientApp API; distinct per SuperNode on one host (default: 9094)")
     p.add_argument("--poll-interval", type=float, default=1.0, metavar="S", help="seconds "
                    "between asks for work when idle (Flower's own: 3; default: 1)")
+    p.add_argument("--no-warm-pool", dest="warm_pool", action="store_false", help="start a "
+                   "fresh ClientApp process per message, as Flower does (default: a warm "
+                   "pool that imports torch once and forks per message; fed_ndif.prefork)")
     p.set_defaults(func=_site)
     return parser
 
@@ -293,7 +296,7 @@ def _site(args: argparse.Namespace) -> None:
 
     run_site(superlink=args.superlink, ca=Path(args.ca), key=Path(args.key),
              data=Path(args.data), name=args.name, device=args.device, port=args.port,
-             poll_s=args.poll_interval)
+             poll_s=args.poll_interval, warm_pool=args.warm_pool)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -425,8 +425,8 @@ def supernode_args(*, superlink: str, ca: Path, key: Path, data: Path, name: str
 
 
 def site_command(*, superlink: str, ca: Path, key: Path, data: Path, name: str | None = None,
-                 device: str = "auto", port: int = 9094,
-                 poll_s: float = SUPERNODE_POLL_S) -> tuple[list[str], dict[str, str]]:
+                 device: str = "auto", port: int = 9094, poll_s: float = SUPERNODE_POLL_S,
+                 warm_pool: bool = True) -> tuple[list[str], dict[str, str]]:
     """Checked command line and environment that start a site's SuperNode."""
     if ":" not in superlink:
         raise FedNdifError(f"--superlink {superlink!r}: give HOST:PORT")
@@ -444,7 +444,7 @@ def site_command(*, superlink: str, ca: Path, key: Path, data: Path, name: str |
     args = supernode_args(superlink=superlink, ca=ca.resolve(), key=key.resolve(),
                           data=data, name=name, device=device, port=port)
     command = [sys.executable, "-m", "fed_ndif.launch", "supernode", "--poll-interval",
-               f"{poll_s:g}", "--", *args]
+               f"{poll_s:g}", *(["--warm-pool"] if warm_pool else []), "--", *args]
     return command, flower_env(None)
 
 
@@ -483,12 +483,39 @@ def patch_supernode_polling(poll_s: float) -> None:
     sci.time = shim  # type: ignore[assignment]
 
 
+def start_warm_pool() -> subprocess.Popen:
+    """Start the ClientApp pool and put its ``flwr-clientapp`` shim first on this process's
+    PATH, which the SuperNode's SuperExec inherits. Stopped when this process exits."""
+    import atexit
+    import tempfile
+
+    from fed_ndif.prefork import write_shim
+
+    folder = Path(tempfile.mkdtemp(prefix="fed-ndif-pool-"))
+    socket_path = folder / "pool.sock"
+    shim = write_shim(folder / "bin", socket_path, flower_command("flwr-clientapp"))
+    pool = subprocess.Popen([sys.executable, "-m", "fed_ndif.prefork", "serve", str(socket_path),
+                             "--parent-pid", str(os.getpid())])
+    os.environ["PATH"] = os.pathsep.join([str(shim.parent), os.environ.get("PATH", "")])
+
+    def stop() -> None:
+        pool.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            pool.wait(timeout=5)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(stop)
+    return pool
+
+
 def supernode_main(argv: Sequence[str]) -> None:
     """``python -m fed_ndif.launch supernode [--poll-interval S] -- FLOWER-SUPERNODE-ARGS``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="fed_ndif.launch supernode")
     parser.add_argument("--poll-interval", type=float, default=3.0)
+    parser.add_argument("--warm-pool", action="store_true",
+                        help="run ClientApp tasks in a warm pool (fed_ndif.prefork)")
     parser.add_argument("args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
     flower_args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
@@ -498,6 +525,8 @@ def supernode_main(argv: Sequence[str]) -> None:
     update_console_handler(timestamps=True, colored=False)
     if ns.poll_interval < 3.0:
         patch_supernode_polling(max(0.1, ns.poll_interval))
+    if ns.warm_pool:
+        start_warm_pool()
     sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()
 

@@ -189,6 +189,8 @@ def test_tls_federation_with_node_auth_runs_two_rounds_and_checkpoints(tls_feder
     history = rounds(run_dir)
     assert [r["round"] for r in history] == [1, 2]
     assert all(r["sites"] == list(SITES) and not r["failed"] for r in history)
+    for name in SITES:  # each site's ClientApp ran forked from its warm pool (fed_ndif.prefork)
+        assert "ClientApp task started in the warm pool" in tls_federation.logs[name], name
     superlink = (run_dir / "logs" / "superlink.log").read_text()
     assert "Uvicorn running on https://127.0.0.1" in superlink  # TLS, loopback only
     for name in ("config.yaml", "run_config.toml", "logs/flwr-run.log"):
