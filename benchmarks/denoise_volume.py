@@ -5,8 +5,9 @@ sampling, NIfTI out) on synthetic volumes, one fresh subprocess per size.
         [--sizes 128x128x96,192x192x400] [--steps N] [--device cpu] [--nstd-only-sizes ...]
 
 Sizes are ``XxYxZ`` (columns x rows x slices). ``--steps`` defaults to the checkpoint's sampler
-setting (10 DDIM steps, 1 sample: the command's default); sampling time is linear in steps x
-slices, so a run at fewer steps predicts the default (reported as an estimate, marked so).
+setting (configs/diffusion/default.yaml: the command's default); sampling time is linear in
+network evaluations x slices, so a run at fewer steps predicts the default (reported as an
+estimate, marked so). ``--device cuda --precision bf16`` also records peak GPU memory.
 Peak memory is the child's VmHWM (peak resident set), read from /proc/self/status.
 ``--nstd-only-sizes`` measures the part of the path that does not run the model (NIfTI read and
 the automatic liver VOI) on large volumes cheaply.
@@ -57,6 +58,22 @@ def make_checkpoint(work: Path) -> Path:
     return ckpt
 
 
+def _sampler(ckpt: Path) -> dict:
+    from fed_ndif.training.trainer import read_checkpoint
+
+    return dict(read_checkpoint(ckpt)["config"]["diffusion"]["sampler"])
+
+
+def _default_samples(ckpt: Path) -> int:
+    return int(_sampler(ckpt)["samples"])
+
+
+def _default_evals(ckpt: Path) -> int:
+    """Network evaluations per slice of the checkpoint's (= the command's default) sampler."""
+    sampler = _sampler(ckpt)
+    return int(sampler["steps"]) * int(sampler["samples"])
+
+
 def make_volume(size: tuple[int, int, int], path: Path) -> Path:
     """A noisy synthetic torso-to-head SUV volume (phantom activity + smoothed Gaussian noise)."""
     from scipy import ndimage
@@ -98,9 +115,14 @@ def child(args: argparse.Namespace) -> None:
     else:
         out = Path(args.output)
         result = denoise_study(args.input, out, checkpoint=args.checkpoint, steps=args.steps,
-                               device=args.device, overwrite=True, progress=False)
+                               device=args.device, precision=args.precision, overwrite=True,
+                               batch_size=args.batch_size, progress=False)
         record.update(seconds=result.seconds, sampling_seconds=result.sampling_seconds,
-                      nstd=result.nstd, nstd_source=result.nstd_source, sampler=result.sampler)
+                      nstd=result.nstd, nstd_source=result.nstd_source, sampler=result.sampler,
+                      precision=args.precision, batch_size=args.batch_size)
+        if torch.cuda.is_available() and args.device.startswith("cuda"):
+            record["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            record["gpu"] = torch.cuda.get_device_name()
     record["peak_rss_mib"] = _vm("VmHWM")
     print(json.dumps(record))
 
@@ -112,6 +134,8 @@ def main() -> None:
     parser.add_argument("--nstd-only-sizes", default="", help="sizes for the model-free part")
     parser.add_argument("--steps", type=int, default=None, help="default: the checkpoint's")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -136,6 +160,7 @@ def main() -> None:
         command = [sys.executable, __file__, "--child", "--input", str(volume),
                    "--output", str(work / "outputs" / f"{text}.nii.gz"),
                    "--checkpoint", str(ckpt), "--device", args.device,
+                   "--precision", args.precision, "--batch-size", str(args.batch_size),
                    "--threads", str(args.threads)]
         if args.steps is not None:
             command += ["--steps", str(args.steps)]
@@ -151,13 +176,14 @@ def main() -> None:
         record.update(size=text, nstd_only=nstd_only,
                       volume_mib=nx * ny * nz * 4 / 2**20)
         if not nstd_only:
-            steps = args.steps
-            record["steps"] = steps
-            record["s_per_slice_step"] = record["sampling_seconds"] / (nz * (steps or 10))
-            # Default settings: 10 DDIM steps x 1 sample (time linear in steps).
+            default_evals = _default_evals(ckpt)
+            evals = args.steps * _default_samples(ckpt) if args.steps else default_evals
+            record["evals_per_slice"] = evals
+            record["default_evals_per_slice"] = default_evals
+            record["s_per_slice_eval"] = record["sampling_seconds"] / (nz * evals)
+            # Sampling time is linear in network evaluations: scale to the default sampler.
             record["estimated_default_seconds"] = (
-                record["seconds"] + (10 - (steps or 10)) * record["sampling_seconds"]
-                / (steps or 10))
+                record["seconds"] + (default_evals - evals) * record["sampling_seconds"] / evals)
         rows.append(record)
         print(json.dumps(record), flush=True)
     if args.json:

@@ -24,23 +24,31 @@ from fed_ndif.training.trainer import build_bundle, train_step
 
 
 def measure(kind: str, size: int, *, model: str, batch: int, warmup: int, steps: int,
-            repeats: int, seed: int, overrides: list[str]) -> dict:
-    cfg = load_config("train_local", [f"model={model}", f"model.kind={kind}", "train.device=cpu",
-                                      f"train.batch_size={batch}", f"train.seed={seed}",
-                                      *overrides])
+            repeats: int, seed: int, overrides: list[str], device: str = "cpu") -> dict:
+    cfg = load_config("train_local", [f"model={model}", f"model.kind={kind}",
+                                      f"train.device={device}", f"train.batch_size={batch}",
+                                      f"train.seed={seed}", *overrides])
     bundle = build_bundle(cfg)
     k = bundle.k
     g = torch.Generator().manual_seed(seed)
     batch_data = {"low": torch.rand(batch, 2 * k + 1, size, size, generator=g) * 0.5,
                   "full": torch.rand(batch, 1, size, size, generator=g) * 0.5,
                   "nstd": torch.full((batch,), 0.3)}
+    cuda = device.startswith("cuda")
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
     for _ in range(warmup):
         train_step(bundle, batch_data)
     rates, cpu_rates = [], []
     for _ in range(repeats):
+        sync()
         start, cpu_start = time.perf_counter(), time.process_time()
         for _ in range(steps):
             train_step(bundle, batch_data)
+        sync()
         rates.append(steps * batch / (time.perf_counter() - start))
         cpu_rates.append(steps * batch / (time.process_time() - cpu_start))
     return {"kind": kind, "size": size, "model": model, "params": count_parameters(bundle.model),
@@ -51,7 +59,8 @@ def measure(kind: str, size: int, *, model: str, batch: int, warmup: int, steps:
             # per CPU-second of this process: what one uncontended core would give (on a
             # shared machine the wall-clock rate mostly measures the other tenants)
             "stacks_per_cpu_s": float(np.median(cpu_rates)),
-            "cpu_share": float(np.median(rates) / np.median(cpu_rates))}
+            "cpu_share": float(np.median(rates) / np.median(cpu_rates)), "device": device,
+            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None}
 
 
 def main() -> None:
@@ -65,6 +74,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("overrides", nargs="*", help="train_local config overrides, key=value")
@@ -75,7 +85,7 @@ def main() -> None:
         for kind in args.kinds:
             row = measure(kind, size, model=args.model, batch=args.batch, warmup=args.warmup,
                           steps=args.steps, repeats=args.repeats, seed=args.seed,
-                          overrides=args.overrides)
+                          overrides=args.overrides, device=args.device)
             row["threads"] = args.threads
             row["overrides"] = args.overrides
             rows.append(row)
