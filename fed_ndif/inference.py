@@ -296,7 +296,7 @@ def denoise_study(
                         device=str(dev))
     bundle = model.bundle
     if precision == "bf16" and dev.type == "cpu":
-        # Measured on this project's 2-core x86 machine: ~20x slower than fp32 (no bf16 units).
+        # Measured on this project's 2-core x86 machine: tens of times slower than fp32.
         log.warning("--precision bf16 on a CPU is usually much slower than fp32; it is meant "
                     "for GPUs")
 
