@@ -66,13 +66,14 @@ def test_too_many_steps_is_an_error():
         ddim_timesteps(t_start=3, steps=5)
 
 
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m"])
 @pytest.mark.parametrize("kind", ["sample", "epsilon", "v_prediction"])
 @pytest.mark.parametrize("steps", [1, 3, 10])
-def test_ddim_honours_step_count_and_is_exact_with_an_oracle(kind, steps):
+def test_ode_samplers_honour_step_count_and_are_exact_with_an_oracle(name, kind, steps):
     process = DiffusionProcess(DiffusionConfig(prediction_type=kind))
     x0 = torch.rand(2, 1, 8, 8)
     oracle = Oracle(x0, process)
-    cfg = SamplerConfig(name="ddim", steps=steps, samples=2)
+    cfg = SamplerConfig(name=name, steps=steps, samples=2)
     mean, std = sample(oracle, process, low=torch.zeros(2, 3, 8, 8), nstd=torch.ones(2), cfg=cfg,
                        generator=torch.Generator().manual_seed(0))
     assert oracle.calls == steps * 2
@@ -81,6 +82,40 @@ def test_ddim_honours_step_count_and_is_exact_with_an_oracle(kind, steps):
     tol = 1e-2 if kind == "epsilon" else 1e-3
     torch.testing.assert_close(mean, x0, atol=tol, rtol=0)
     assert std.abs().max() < tol
+
+
+class GaussianDenoiser(nn.Module):
+    """The exact x0 = E[x0 | x_t] for data x0 ~ N(mu, s^2) per pixel: its probability-flow
+    ODE is known, so a solver's error can be measured."""
+
+    def __init__(self, process: DiffusionProcess, mu: float = 0.4, s: float = 0.3) -> None:
+        super().__init__()
+        self.process, self.mu, self.s = process, mu, s
+
+    def forward(self, x, t, nstd):
+        a = self.process.alphas_cumprod[t].reshape(-1, 1, 1, 1).to(x.dtype)
+        gain = a.sqrt() * self.s ** 2 / (a * self.s ** 2 + 1 - a)
+        return self.mu + gain * (x[:, :1] - a.sqrt() * self.mu)
+
+
+def test_second_order_solver_is_closer_to_the_exact_ode_than_ddim_at_few_steps():
+    process = DiffusionProcess(DiffusionConfig(prediction_type="sample"))
+    model = GaussianDenoiser(process)
+    low = torch.zeros(64, 3, 4, 4)
+
+    def run(name: str, steps: int) -> torch.Tensor:
+        cfg = SamplerConfig(name=name, steps=steps, spacing="quadratic", clip_x0=False,
+                            warm_start="low_count", t_start=600)
+        return sample_once(model, process, low=low, nstd=torch.ones(64), cfg=cfg,
+                           generator=torch.Generator().manual_seed(3),
+                           init=torch.full((64, 1, 4, 4), 0.4))
+
+    exact = run("ddim", 601)  # every time step: the ODE solved to float precision
+    ddim_error = (run("ddim", 4) - exact).abs().mean()
+    dpm_error = (run("dpmpp_2m", 4) - exact).abs().mean()
+    assert dpm_error < 0.5 * ddim_error  # measured: 0.010 against 0.053
+    # Its first step is a DDIM step: with 2 evaluations the two solvers agree.
+    torch.testing.assert_close(run("dpmpp_2m", 2), run("ddim", 2))
 
 
 def test_ddpm_full_chain_uses_monai_and_short_chain_honours_steps():
