@@ -123,6 +123,13 @@ def sampler_grid(base: SamplerConfig, grid: str, t_start: int) -> dict[str, Samp
     # The field's references (issue 9): ancestral DDPM on 100 of the 1000 times, and a
     # DDPET-style sampler (25 DDIM steps warm-started from the U-Net, 2 seeds averaged).
     out["ddpm_s100_k1"] = make(name="ddpm", steps=100, samples=1, **starts["noise"])
+    # A second-order ODE solver on the same times (fed_ndif.models.sampling._dpmpp_2m).
+    for steps in (3, 5, 10):
+        out[f"dpmnoise_s{steps}_k1"] = make(name="dpmpp_2m", steps=steps, samples=1,
+                                            **starts["noise"])
+    for steps in (3, 5):
+        out[f"dpmlow_s{steps}_k1"] = make(name="dpmpp_2m", steps=steps, samples=1,
+                                          **starts["low"])
     out["ddpet_s25_k2"] = make(steps=25, samples=2, **starts["unet"])
     return out
 
