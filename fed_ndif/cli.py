@@ -57,7 +57,8 @@ def _denoise(args: argparse.Namespace) -> None:
 
     result = denoise_study(
         Path(args.input), Path(args.output), checkpoint=Path(args.checkpoint), steps=args.steps,
-        samples=args.samples, uncertainty=args.uncertainty, output_format=args.format,
+        samples=args.samples, sampler=args.sampler, uncertainty=args.uncertainty,
+        output_format=args.format,
         liver_mask=Path(args.liver_mask) if args.liver_mask else None, device=args.device,
         precision=args.precision, overwrite=args.overwrite, weight_kg=args.weight,
         dose_bq=args.dose * 1e6 if args.dose is not None else None, series_uid=args.series_uid,
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(.pt from train-local or the federation; read without executing code)")
     p.add_argument("--steps", type=int, metavar="N", help="sampling steps (network evaluations "
                    "per slice and sample); default: the checkpoint's sampler setting")
+    p.add_argument("--sampler", choices=("dpmpp_2m", "ddim", "ddpm"), help="sampler; default: "
+                   "the checkpoint's (shipped configs: dpmpp_2m, DPM-Solver++(2M), 5 steps)")
     p.add_argument("--samples", type=int, metavar="K", help="samples averaged per slice; "
                    "default: the checkpoint's sampler setting (1 on the shipped configs)")
     p.add_argument("--uncertainty", action="store_true", help="also write the per-voxel std "

@@ -31,6 +31,8 @@ from fed_ndif.errors import FedNdifError
 
 log = logging.getLogger(__name__)
 
+SAMPLER_LABELS = {"ddim": "DDIM", "ddpm": "DDPM", "dpmpp_2m": "DPM-Solver++(2M)"}
+
 FORMATS = ("dicom", "nifti", "both")
 PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 DEVICES = ("auto", "cpu", "cuda")
@@ -170,7 +172,7 @@ class _Model:
 
 
 def _load_model(checkpoint: Path, *, steps: int | None, samples: int | None, uncertainty: bool,
-                device: str) -> _Model:
+                device: str, sampler_name: str | None = None) -> _Model:
     """Read and check the checkpoint (no code executed: ``weights_only=True``), then load it."""
     from fed_ndif.data.dataset import Normalization
     from fed_ndif.training.trainer import load_checkpoint, read_checkpoint, sampler_config
@@ -202,7 +204,8 @@ def _load_model(checkpoint: Path, *, steps: int | None, samples: int | None, unc
             raise FedNdifError(f"{name} must be at least 1, got {value}")
     sampler = None
     if kind == "diffusion":
-        overrides = {key: value for key, value in (("steps", steps), ("samples", samples))
+        overrides = {key: value for key, value in (("steps", steps), ("samples", samples),
+                                                   ("name", sampler_name))
                      if value is not None}
         try:
             sampler = sampler_config(cfg, **overrides)
@@ -215,7 +218,7 @@ def _load_model(checkpoint: Path, *, steps: int | None, samples: int | None, unc
                         "model; starting from the low-count input instead")
             sampler = type(sampler)(**{**sampler.__dict__, "warm_start": "low_count"})
         t_start = total - 1 if sampler.warm_start == "none" else int(sampler.t_start or 0)
-        if sampler.name == "ddim" and sampler.steps > t_start + 1:
+        if sampler.name != "ddpm" and sampler.steps > t_start + 1:
             raise FedNdifError(f"--steps {sampler.steps} is more than the {t_start + 1} "
                                "diffusion steps this checkpoint samples from")
         if uncertainty and sampler.samples < 2:
@@ -255,8 +258,9 @@ def _load_mask(path: Path, volume: Volume) -> np.ndarray:
 
 def denoise_study(
     input_path: str | Path, output: str | Path, *, checkpoint: str | Path,
-    steps: int | None = None, samples: int | None = None, uncertainty: bool = False,
-    output_format: str | None = None, liver_mask: str | Path | None = None,
+    steps: int | None = None, samples: int | None = None, sampler: str | None = None,
+    uncertainty: bool = False, output_format: str | None = None,
+    liver_mask: str | Path | None = None,
     device: str = "auto", precision: str = "fp32", overwrite: bool = False,
     weight_kg: float | None = None, dose_bq: float | None = None, series_uid: str | None = None,
     seed: int = 0, batch_size: int = 16, progress: bool = True,
@@ -292,8 +296,8 @@ def denoise_study(
     from fed_ndif.models.denoise_volume import denoise_volume, resolve_device
 
     dev = resolve_device(device)
-    model = _load_model(checkpoint, steps=steps, samples=samples, uncertainty=uncertainty,
-                        device=str(dev))
+    model = _load_model(checkpoint, steps=steps, samples=samples, sampler_name=sampler,
+                        uncertainty=uncertainty, device=str(dev))
     bundle = model.bundle
     if precision == "bf16" and dev.type == "cpu":
         # Measured on this project's 2-core x86 machine: tens of times slower than fp32.
@@ -340,7 +344,9 @@ def denoise_study(
 
         if bundle.process is not None:
             sampler = model.sampler
-            label = (f"{sampler.name.upper()}, {sampler.steps} step"
+            warm = "" if sampler.warm_start == "none" else f", warm start {sampler.warm_start}"
+            label = (f"{SAMPLER_LABELS.get(sampler.name, sampler.name)}{warm}"
+                     f", {sampler.steps} step"
                      f"{'s' if sampler.steps > 1 else ''} x {sampler.samples} sample"
                      f"{'s' if sampler.samples > 1 else ''}")
             short = f"{sampler.steps}x{sampler.samples}"

@@ -50,13 +50,14 @@ def _quantization_bound(array: np.ndarray) -> np.ndarray:
     return (peak / 32767 * 0.5 + 1e-5 * peak + 1e-6)[:, None, None]
 
 
-def _direct(trained, volume, *, steps: int, samples: int, seed: int = 0):
+def _direct(trained, volume, *, steps: int, samples: int, seed: int = 0, **sampler):
     """denoise_volume called directly, as the command should call it."""
     bundle = load_checkpoint(trained["ckpt"], device="cpu")
     nstd, _ = measure_liver_nstd(volume, load_nifti(trained["mask"]).array > 0)
     return denoise_volume(bundle.ema.model, volume.array, nstd=nstd,
                           normalization=bundle.normalization, k=bundle.k, process=bundle.process,
-                          sampler=sampler_config(bundle.cfg, steps=steps, samples=samples),
+                          sampler=sampler_config(bundle.cfg, steps=steps, samples=samples,
+                                                 **sampler),
                           device="cpu", seed=seed, progress=False)
 
 
@@ -144,6 +145,26 @@ def test_nifti_input_gives_nifti_output(trained, tmp_path, capsys):
     np.testing.assert_allclose(result.array, mean, atol=1e-5)
     np.testing.assert_allclose(load_nifti(tmp_path / "den_uncertainty.nii.gz").array, std,
                                atol=1e-5)
+
+
+def test_sampler_option_replaces_the_checkpoints_sampler(trained, tmp_path, capsys):
+    source = load_nifti(trained["nifti"])
+    outputs = {}
+    for name in ("ddim", None):
+        out = tmp_path / f"{name}.nii.gz"
+        code, errors = _run([str(trained["nifti"]), str(out), "--checkpoint",
+                             str(trained["ckpt"]), "--steps", "3", "--liver-mask",
+                             str(trained["mask"]), *(["--sampler", name] if name else [])],
+                            capsys)
+        assert code == 0 and errors == []
+        outputs[name] = load_nifti(out).array
+    ddim, _ = _direct(trained, source, steps=3, samples=1, name="ddim")
+    default, _ = _direct(trained, source, steps=3, samples=1)
+    np.testing.assert_allclose(outputs["ddim"], ddim, atol=1e-6)
+    np.testing.assert_allclose(outputs[None], default, atol=1e-6)
+    # DPM-Solver++ (the default) is not DDIM; this briefly trained network barely reads x_t, so
+    # the two differ little (2.8e-5 SUV at most), but far more than the 1e-6 above.
+    assert np.abs(ddim - default).max() > 1e-5
 
 
 def test_dicom_default_format_and_overwrite(trained, tmp_path, capsys):
@@ -302,6 +323,6 @@ def test_help_explains_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--checkpoint", "--steps", "--samples", "--uncertainty", "--format",
                    "--liver-mask", "--device", "--precision", "--overwrite", "--weight", "--dose",
-                   "--series-uid", "--seed", "--batch-size"):
+                   "--series-uid", "--seed", "--batch-size", "--sampler"):
         assert option in text
-    assert text.count("\n  --") >= 14
+    assert text.count("\n  --") >= 15

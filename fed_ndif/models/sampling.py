@@ -42,8 +42,8 @@ SPACINGS = ("linear", "quadratic")
 class SamplerConfig:
     """How to sample (defaults: see configs/diffusion/default.yaml for the reasons)."""
 
-    name: str = "ddim"
-    steps: int = 10
+    name: str = "dpmpp_2m"
+    steps: int = 5
     spacing: str = "quadratic"
     eta: float = 0.0
     warm_start: str = "none"
