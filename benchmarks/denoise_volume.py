@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="default: the checkpoint's")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, help="default: the command's (4 on CPU)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -160,7 +160,8 @@ def main() -> None:
         command = [sys.executable, __file__, "--child", "--input", str(volume),
                    "--output", str(work / "outputs" / f"{text}.nii.gz"),
                    "--checkpoint", str(ckpt), "--device", args.device,
-                   "--precision", args.precision, "--batch-size", str(args.batch_size),
+                   "--precision", args.precision,
+                   *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
                    "--threads", str(args.threads)]
         if args.steps is not None:
             command += ["--steps", str(args.steps)]

@@ -263,7 +263,7 @@ def denoise_study(
     liver_mask: str | Path | None = None,
     device: str = "auto", precision: str = "fp32", overwrite: bool = False,
     weight_kg: float | None = None, dose_bq: float | None = None, series_uid: str | None = None,
-    seed: int = 0, batch_size: int = 16, progress: bool = True,
+    seed: int = 0, batch_size: int | None = None, progress: bool = True,
 ) -> DenoiseResult:
     """Denoise the PET study at ``input_path`` into ``output``; see ``docs/denoise.md``.
 
@@ -279,7 +279,7 @@ def denoise_study(
                            f"{precision!r}")
     if device not in DEVICES:
         raise FedNdifError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise FedNdifError(f"--batch-size must be at least 1, got {batch_size}")
     for name, value in (("--weight", weight_kg), ("--dose", dose_bq)):
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -293,7 +293,7 @@ def denoise_study(
     mask_path = Path(liver_mask) if liver_mask is not None else None
     if mask_path is not None and not mask_path.is_file():
         raise FedNdifError(f"{mask_path}: no such liver mask file")
-    from fed_ndif.models.denoise_volume import denoise_volume, resolve_device
+    from fed_ndif.models.denoise_volume import default_batch_size, denoise_volume, resolve_device
 
     dev = resolve_device(device)
     model = _load_model(checkpoint, steps=steps, samples=samples, sampler_name=sampler,
@@ -356,7 +356,8 @@ def denoise_study(
         sampling_start = time.perf_counter()
         mean, std = denoise_volume(
             bundle.ema.model, volume.array, nstd=nstd, normalization=bundle.normalization,
-            k=bundle.k, process=bundle.process, sampler=sampler, batch_size=batch_size,
+            k=bundle.k, process=bundle.process, sampler=sampler,
+            batch_size=batch_size or default_batch_size(dev),
             device=str(dev), dtype=PRECISIONS[precision], seed=seed, progress=progress)
         sampling_seconds = time.perf_counter() - sampling_start
         denoised = Volume(mean, volume.affine)
