@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--no-warm-pool", dest="warm_pool", action="store_false")
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--json", help="also write the rounds here")
+    parser.add_argument("--keep", help="copy the run folder and every process's log here")
     args = parser.parse_args()
     tag = new_tag()
     env = {**os.environ, "OMP_NUM_THREADS": "1", PROCESS_TAG: tag}
@@ -81,6 +83,9 @@ def main() -> None:
             for process in started:
                 stop_process(process)
             kill_tagged(tag)
+            if args.keep:
+                shutil.copytree(tmp, args.keep, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("sites", "certs"))
     print(f"warm pool: {args.warm_pool}, SuperNode poll: {args.poll_interval:g} s, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print("| round | wall s | slowest site training s | overhead s |")
