@@ -64,14 +64,50 @@ def from_run_config(run_config: Mapping[str, Scalar]) -> dict[str, Any]:
     return nested
 
 
-def to_array_record(weights: Mapping[str, np.ndarray]) -> ArrayRecord:
-    """Named numpy arrays as Flower's ArrayRecord (names, shapes and dtypes kept)."""
-    return ArrayRecord(OrderedDict((name, Array(np.ascontiguousarray(value)))
-                                   for name, value in weights.items()))
+# A packed record: every array's bytes in one uint8 Array plus a JSON index (name, dtype,
+# shape). Flower 1.42 moves each Array of a message as its own object, one HTTP request per
+# hop: ~190 requests per model and direction, which dominated a deployed round (BENCHMARKS.md).
+PACKED, INDEX = "fed-ndif.packed", "fed-ndif.index"
+
+
+def to_array_record(weights: Mapping[str, np.ndarray], *, packed: bool = False) -> ArrayRecord:
+    """Named numpy arrays as Flower's ArrayRecord (names, shapes and dtypes kept).
+
+    ``packed``: as two Arrays (see PACKED) for the wire; :func:`from_array_record` reads both.
+    """
+    if not packed:
+        return ArrayRecord(OrderedDict((name, Array(np.ascontiguousarray(value)))
+                                       for name, value in weights.items()))
+    arrays = [np.asarray(value, order="C") for value in weights.values()]  # keeps 0-d shapes
+    index = [[name, a.dtype.str, list(a.shape)] for name, a in zip(weights, arrays, strict=True)]
+    payload = (np.concatenate([a.reshape(-1).view(np.uint8) for a in arrays]) if arrays
+               else np.zeros(0, np.uint8))
+    return ArrayRecord(OrderedDict([
+        (INDEX, Array(np.frombuffer(json.dumps(index).encode(), np.uint8).copy())),
+        (PACKED, Array(payload))]))
 
 
 def from_array_record(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
-    return OrderedDict((name, record[name].numpy()) for name in record)
+    """Named numpy arrays from a plain or packed ArrayRecord; ValueError names a bad one."""
+    if PACKED not in record:
+        return OrderedDict((name, record[name].numpy()) for name in record)
+    try:
+        index = json.loads(record[INDEX].numpy().tobytes())
+        payload = record[PACKED].numpy()
+        out: OrderedDict[str, np.ndarray] = OrderedDict()
+        offset = 0
+        for name, dtype, shape in index:
+            dt = np.dtype(dtype)
+            size = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+            if offset + size > payload.size:
+                raise ValueError(f"array '{name}' runs past the end of the packed data")
+            out[str(name)] = payload[offset:offset + size].view(dt).reshape(tuple(shape)).copy()
+            offset += size
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"packed weights have a malformed index ({exc})") from None
+    if offset != payload.size:
+        raise ValueError(f"packed weights hold {payload.size - offset} bytes beyond the index")
+    return out
 
 
 def pyproject_app_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:

@@ -68,3 +68,33 @@ def test_unknown_dtype_and_overflow_are_refused_by_name():
     huge["norm.bias"][0] = 1e6
     with pytest.raises(FedNdifError, match=r"norm\.bias"):
         encode_global(huge, "float16")
+
+
+def test_packed_records_travel_as_two_arrays_and_round_trip_exactly():
+    from flwr.app import Array, ArrayRecord
+
+    from fed_ndif.run_config import INDEX, PACKED, from_array_record, to_array_record
+
+    weights = _weights(0)
+    weights["half"] = np.linspace(-1, 1, 7).astype(np.float16)
+    record = to_array_record(weights, packed=True)
+    assert list(record.keys()) == [INDEX, PACKED]
+    back = from_array_record(record)
+    assert list(back) == list(weights)
+    for name, value in weights.items():
+        assert back[name].dtype == value.dtype and back[name].shape == value.shape
+        np.testing.assert_array_equal(back[name], value)
+    assert to_array_record(weights, packed=True).count_bytes() < to_array_record(
+        weights).count_bytes()
+    payload = record[PACKED].numpy()
+    truncated = ArrayRecord({INDEX: record[INDEX], PACKED: Array(payload[:-4].copy())})
+    with pytest.raises(ValueError, match="past the end"):
+        from_array_record(truncated)
+    padded = ArrayRecord({INDEX: record[INDEX],
+                          PACKED: Array(np.concatenate([payload, np.zeros(3, np.uint8)]))})
+    with pytest.raises(ValueError, match="beyond the index"):
+        from_array_record(padded)
+    garbled = ArrayRecord({INDEX: Array(np.frombuffer(b"{not json", np.uint8).copy()),
+                           PACKED: record[PACKED]})
+    with pytest.raises(ValueError, match="malformed index"):
+        from_array_record(garbled)

@@ -86,7 +86,7 @@ def _reply(msg: Message, name: str, metrics: dict[str, float],
     content = RecordDict({"metrics": MetricRecord({k: float(v) for k, v in metrics.items()}),
                           "site": ConfigRecord({"name": name})})
     if weights is not None:
-        content["arrays"] = to_array_record(weights)
+        content["arrays"] = to_array_record(weights, packed=True)
     return Message(content, reply_to=msg)
 
 

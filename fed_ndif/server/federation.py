@@ -88,10 +88,11 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float,
 
 def decode_replies(replies: Iterable[Message], received: dict[str, np.ndarray],
                    transfer: str) -> list[Message]:
-    """Replies with each site's update turned back into its float32 weights (fed_ndif.transfer)."""
+    """Replies with each site's update unpacked and turned back into its float32 weights
+    (fed_ndif.transfer), as plain records the strategies (FedAvg, DP clipping) understand."""
     decoded = []
     for reply in replies:
-        if transfer != "float32" and not reply.has_error() and "arrays" in reply.content:
+        if not reply.has_error() and "arrays" in reply.content:
             with contextlib.suppress(TypeError, ValueError, KeyError):
                 reply.content["arrays"] = to_array_record(
                     decode_update(from_array_record(reply.content["arrays"]), received,
@@ -247,7 +248,7 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
         for server_round in range(start_round + 1, int(fl["rounds"]) + 1):
             started = time.perf_counter()
             global_weights = from_array_record(arrays)
-            sent = to_array_record(encode_global(global_weights, transfer))
+            sent = to_array_record(encode_global(global_weights, transfer), packed=True)
             replies = send_and_receive(
                 grid, strategy.configure_train(server_round, sent, train_config, grid),
                 timeout=timeout, destinations=checked.destinations)
@@ -269,7 +270,7 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
                 eval_replies = send_and_receive(
                     grid, strategy.configure_evaluate(
                         server_round, to_array_record(encode_global(from_array_record(arrays),
-                                                                    transfer)),
+                                                                    transfer), packed=True),
                         ConfigRecord(), grid),
                     timeout=timeout, destinations=checked.destinations)
                 eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
