@@ -293,7 +293,7 @@ def denoise_study(
     mask_path = Path(liver_mask) if liver_mask is not None else None
     if mask_path is not None and not mask_path.is_file():
         raise FedNdifError(f"{mask_path}: no such liver mask file")
-    from fed_ndif.models.denoise_volume import default_batch_size, denoise_volume, resolve_device
+    from fed_ndif.models.denoise_volume import denoise_volume, resolve_device
 
     dev = resolve_device(device)
     model = _load_model(checkpoint, steps=steps, samples=samples, sampler_name=sampler,
@@ -356,8 +356,7 @@ def denoise_study(
         sampling_start = time.perf_counter()
         mean, std = denoise_volume(
             bundle.ema.model, volume.array, nstd=nstd, normalization=bundle.normalization,
-            k=bundle.k, process=bundle.process, sampler=sampler,
-            batch_size=batch_size or default_batch_size(dev),
+            k=bundle.k, process=bundle.process, sampler=sampler, batch_size=batch_size,
             device=str(dev), dtype=PRECISIONS[precision], seed=seed, progress=progress)
         sampling_seconds = time.perf_counter() - sampling_start
         denoised = Volume(mean, volume.affine)

@@ -210,6 +210,8 @@ def _tracker(cfg: dict[str, Any], run_dir: Path):
 def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
     """Run (or resume) the configured FedAvg rounds; return the final global weights."""
     fl = cfg["fl"]
+    transfer = str(fl.get("transfer_dtype", "float32"))
+    check_transfer_dtype(transfer)  # a bad setting fails before anything is written
     run_dir = Path(cfg["run_dir"])
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     bundle = build_bundle(cfg, device="cpu")
@@ -238,8 +240,6 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
             strategy, noise_multiplier=float(fl["dp"]["noise_multiplier"]),
             clipping_norm=float(fl["dp"]["clipping_norm"]),
             num_sampled_clients=int(fl["min_sites"]))
-    transfer = str(fl.get("transfer_dtype", "float32"))
-    check_transfer_dtype(transfer)
     tracker = _tracker(cfg, run_dir)
     arrays = to_array_record(weights)
     train_config = ConfigRecord({"local-steps": int(fl["local_steps"])})
