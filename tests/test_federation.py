@@ -234,3 +234,15 @@ def test_half_precision_transfer_halves_the_bytes_and_rebuilds_site_weights(site
             scale = max(1.0, float(np.abs(a[name]).max()))
             np.testing.assert_allclose(b[name], a[name], atol=2e-3 * scale, err_msg=name)
     assert any(not np.array_equal(a[n], b[n]) for n in a)
+
+
+def test_an_unknown_transfer_dtype_is_refused_before_the_run_folder_is_made(sites_root,
+                                                                            tmp_path):
+    from fed_ndif.errors import FedNdifError
+    from fed_ndif.server.federation import run_federation
+
+    run_dir = tmp_path / "run"
+    cfg = from_run_config(_run_config(sites_root, run_dir, "fl.transfer_dtype=bfloat16"))
+    with pytest.raises(FedNdifError, match="transfer_dtype"):
+        run_federation(InProcessGrid(client_app, {}, run_config={}), cfg)
+    assert not run_dir.exists()

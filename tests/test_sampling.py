@@ -213,6 +213,19 @@ def test_whole_volume_unet_matches_slicewise_calls():
     np.testing.assert_allclose(out[0], first, rtol=1e-4, atol=1e-4)
 
 
+def test_cpu_denoising_leaves_the_callers_network_layout_and_ignores_batch_size():
+    torch.manual_seed(0)
+    unet = build_model({**TINY_MODEL, "kind": "unet"}).eval()
+    vol = _volume(7)
+    kwargs = {"nstd": 0.2, "normalization": Normalization(), "k": 1, "device": "cpu",
+              "progress": False}
+    default, _ = denoise_volume(unet, vol, **kwargs)  # CPU default: batches of 4, channels_last
+    single, _ = denoise_volume(unet, vol, batch_size=1, **kwargs)
+    np.testing.assert_allclose(default, single, rtol=1e-5, atol=1e-6)
+    # channels_last is for the duration of the call only (the trainer's EMA model is passed in)
+    assert all(p.is_contiguous() for p in unet.parameters())
+
+
 def test_whole_volume_unet_warm_start_and_dtype_checks():
     torch.manual_seed(0)
     model = build_model(TINY_MODEL)
