@@ -123,3 +123,21 @@ def test_the_pool_exits_when_its_parent_does(tmp_path):
     finally:
         if _alive(pool_pid):
             os.kill(pool_pid, signal.SIGKILL)
+
+
+def test_preloaded_pool_leaves_no_heavy_import_to_a_task():
+    """A forked task must not import torch._dynamo (1.5-3 s) when it builds its optimizer."""
+    script = (
+        "import importlib, json, sys\n"
+        "from fed_ndif.prefork import PRELOAD\n"
+        "for name in PRELOAD: importlib.import_module(name)\n"
+        "from tests.helpers.models import tiny_cfg\n"
+        "from fed_ndif.training.trainer import build_bundle\n"
+        "before = set(sys.modules)\n"
+        "build_bundle(tiny_cfg(), device='cpu')\n"
+        "print(json.dumps(sorted(set(sys.modules) - before)))\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    imported = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not [name for name in imported if name.startswith("torch._dynamo")], imported
+    assert len(imported) < 20, imported
