@@ -14,9 +14,15 @@ import shutil
 import subprocess
 from pathlib import Path
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 import pytest
 import yaml
 from flwr import __version__ as flwr_version
+from packaging.requirements import Requirement
 
 from fed_ndif.cli import build_parser
 from tests.helpers.tools import require_tool
@@ -120,3 +126,18 @@ def test_each_site_sees_only_its_own_data_and_key_read_only():
     coordinator = build_parser().parse_args(
         ["coordinator", *map(_expand, services["coordinator"]["command"])])
     assert sorted(Path(k).stem for k in coordinator.register) == list(SITES)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_the_images_pyproject_edit_still_finds_flower(dockerfile, tmp_path):
+    """The images drop Flower's [simulation] extra (Ray) with sed; a silent no-op would pull Ray
+    into every site image, or, if the pin moved, a Flower other than the image's."""
+    edit = re.search(r"sed -i '([^']+)' pyproject\.toml", dockerfile.read_text())
+    assert edit, f"{dockerfile.name} no longer edits pyproject.toml"
+    copy = tmp_path / "pyproject.toml"
+    copy.write_text((DEPLOY.parent / "pyproject.toml").read_text())
+    subprocess.run(["sed", "-i", edit.group(1), str(copy)], check=True)
+    dependencies = tomllib.loads(copy.read_text())["project"]["dependencies"]
+    flower = [Requirement(d) for d in dependencies if d.startswith("flwr")]
+    assert len(flower) == 1 and not flower[0].extras, flower
+    assert flower[0].specifier.contains(flwr_version), flower

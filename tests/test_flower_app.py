@@ -6,9 +6,13 @@ import csv
 import json
 from pathlib import Path
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 import numpy as np
 import pytest
-import tomllib
 
 from fed_ndif.cli import main
 from fed_ndif.config import load_config
