@@ -167,6 +167,18 @@ def test_sampler_option_replaces_the_checkpoints_sampler(trained, tmp_path, caps
     assert np.abs(ddim - default).max() > 1e-5
 
 
+def test_every_sampler_can_be_chosen_on_the_command_line():
+    """The CLI lists the samplers itself (it imports no torch); it must offer each one."""
+    from fed_ndif.cli import build_parser
+    from fed_ndif.inference import SAMPLER_LABELS
+    from fed_ndif.models.sampling import SAMPLERS
+
+    assert sorted(SAMPLER_LABELS) == sorted(SAMPLERS)
+    for name in SAMPLERS:
+        args = build_parser().parse_args(["denoise", "in", "out", "--checkpoint", "c.pt",
+                                              "--sampler", name])
+        assert args.sampler == name
+
 def test_dicom_default_format_and_overwrite(trained, tmp_path, capsys):
     out = tmp_path / "out"
     argv = [str(trained["dicom"]), str(out), "--checkpoint", str(trained["ckpt"]), "--steps", "1",

@@ -86,6 +86,11 @@ def send_and_receive(grid: Grid, messages: Iterable[Message], *, timeout: float,
     return replies
 
 
+def _on_the_wire(weights: dict[str, np.ndarray], transfer: str) -> ArrayRecord:
+    """The global weights as sent to the sites: in the transfer dtype, packed."""
+    return to_array_record(encode_global(weights, transfer), packed=True)
+
+
 def decode_replies(replies: Iterable[Message], received: dict[str, np.ndarray],
                    transfer: str) -> list[Message]:
     """Replies with each site's update unpacked and turned back into its float32 weights
@@ -241,14 +246,13 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
             clipping_norm=float(fl["dp"]["clipping_norm"]),
             num_sampled_clients=int(fl["min_sites"]))
     tracker = _tracker(cfg, run_dir)
-    arrays = to_array_record(weights)
+    arrays, global_weights = to_array_record(weights), weights
     train_config = ConfigRecord({"local-steps": int(fl["local_steps"])})
     timeout = float(fl["round_timeout_s"])
     try:
         for server_round in range(start_round + 1, int(fl["rounds"]) + 1):
             started = time.perf_counter()
-            global_weights = from_array_record(arrays)
-            sent = to_array_record(encode_global(global_weights, transfer), packed=True)
+            sent = _on_the_wire(global_weights, transfer)
             replies = send_and_receive(
                 grid, strategy.configure_train(server_round, sent, train_config, grid),
                 timeout=timeout, destinations=checked.destinations)
@@ -260,8 +264,8 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
                 strategy.current_arrays = arrays
             new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
             if new_arrays is not None:
-                arrays = new_arrays
-            set_weights(bundle, from_array_record(arrays))
+                arrays, global_weights = new_arrays, from_array_record(new_arrays)
+            set_weights(bundle, global_weights)
             bundle.step = server_round
             save_checkpoint(bundle, run_dir / "checkpoints" /
                             f"global-round-{server_round:04d}.pt")
@@ -269,9 +273,8 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
             if int(fl["evaluate_max_studies"]) > 0:
                 eval_replies = send_and_receive(
                     grid, strategy.configure_evaluate(
-                        server_round, to_array_record(encode_global(from_array_record(arrays),
-                                                                    transfer), packed=True),
-                        ConfigRecord(), grid),
+                        server_round, _on_the_wire(global_weights, transfer), ConfigRecord(),
+                        grid),
                     timeout=timeout, destinations=checked.destinations)
                 eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
             record = {
@@ -295,4 +298,4 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
     finally:
         if tracker is not None:
             tracker.finish()
-    return from_array_record(arrays)
+    return global_weights
