@@ -23,11 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from fed_ndif.atomic import remove_path, replace_path
 from fed_ndif.data.nifti import load_nifti, save_nifti
 from fed_ndif.data.nstd import measure_liver_nstd
 from fed_ndif.data.volume import Volume
 from fed_ndif.errors import FedNdifError
+from fed_ndif.staging import remove_path, replace_path
 
 log = logging.getLogger(__name__)
 

@@ -49,9 +49,9 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DA, DT, TM, format_number_as_ds
 
-from fed_ndif.atomic import replace_path
 from fed_ndif.data.volume import LPS_TO_RAS, Volume, affine_from_lps
 from fed_ndif.errors import FedNdifError
+from fed_ndif.staging import replace_path
 
 log = logging.getLogger(__name__)
 

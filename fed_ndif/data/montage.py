@@ -11,8 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from fed_ndif.atomic import atomic_file
 from fed_ndif.data.nifti import load_nifti
+from fed_ndif.staging import staged_file
 
 SUV_WINDOW = (0.0, 6.0)
 
@@ -44,7 +44,7 @@ def write_site_montage(root: Path, sites: list[str], png: Path) -> None:
                  f"{SUV_WINDOW[1]:g}, patient right on the left)", fontsize=10)
     fig.tight_layout()
     try:
-        with atomic_file(png, suffix=".png") as tmp:
+        with staged_file(png, suffix=".png") as tmp:
             fig.savefig(tmp, dpi=90)
     finally:
         plt.close(fig)

@@ -7,9 +7,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from fed_ndif.atomic import atomic_file
 from fed_ndif.data.volume import Volume
 from fed_ndif.errors import FedNdifError
+from fed_ndif.staging import staged_file
 
 
 def save_nifti(volume: Volume | np.ndarray, path: str | Path, *, affine: np.ndarray | None = None,
@@ -29,7 +29,7 @@ def save_nifti(volume: Volume | np.ndarray, path: str | Path, *, affine: np.ndar
     image.header.set_xyzt_units("mm", "sec")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
-    with atomic_file(path, suffix="".join(path.suffixes[-2:]) or ".nii.gz") as tmp:
+    with staged_file(path, suffix="".join(path.suffixes[-2:]) or ".nii.gz") as tmp:
         nib.save(image, tmp)
 
 

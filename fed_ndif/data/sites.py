@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import shutil
-import tempfile
 import zlib
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timedelta
@@ -22,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 from pydicom.uid import generate_uid
 from tqdm import tqdm
 
-from fed_ndif.atomic import replace_path
 from fed_ndif.config import load_config
 from fed_ndif.data.dicom import SyntheticPatient, write_pet_series
 from fed_ndif.data.nifti import save_nifti
@@ -30,6 +27,7 @@ from fed_ndif.data.phantom import MIN_FOV_MM, Grid, Organ, make_phantom
 from fed_ndif.data.scanner import ScannerProfile, simulate_scans
 from fed_ndif.data.volume import Volume, axial_affine
 from fed_ndif.errors import FedNdifError
+from fed_ndif.staging import staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -222,9 +220,7 @@ def write_sites(out: Path, cfg: DictConfig, *, overwrite: bool = False,
         raise FedNdifError(f"{out} already exists; choose a new folder or pass --overwrite")
     if montage is not None and montage.suffix.lower() != ".png":
         raise FedNdifError(f"--montage {montage}: the picture must be a .png file")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         (staging / "config.yaml").write_text(OmegaConf.to_yaml(
             {key: cfg[key] for key in SITE_CONFIG_KEYS if key in cfg}))
         jobs = [(s, i) for s in specs for i in range(s.subjects)]
@@ -239,10 +235,6 @@ def write_sites(out: Path, cfg: DictConfig, *, overwrite: bool = False,
                 write_dicom=write_dicom)
         for name, rows in manifests.items():
             write_manifest(staging / name / "manifest.csv", rows)
-        replace_path(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if montage is not None:
         from fed_ndif.data.montage import write_site_montage
 

@@ -29,7 +29,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, default_collate
 
 import fed_ndif
-from fed_ndif.atomic import atomic_file
 from fed_ndif.data.dataset import Normalization, SliceStackDataset
 from fed_ndif.errors import FedNdifError
 from fed_ndif.evaluation.metrics import volume_metrics
@@ -37,6 +36,7 @@ from fed_ndif.models.denoise_volume import denoise_volume, resolve_device
 from fed_ndif.models.diffusion import EMA, DiffusionConfig, DiffusionProcess
 from fed_ndif.models.networks import build_model
 from fed_ndif.models.sampling import SamplerConfig
+from fed_ndif.staging import staged_file
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +255,7 @@ def set_weights(bundle: ModelBundle, weights: dict[str, np.ndarray], *,
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_file(path, suffix=".pt") as tmp:
+    with staged_file(path, suffix=".pt") as tmp:
         torch.save(obj, tmp)
 
 

@@ -1,4 +1,5 @@
-"""Writing outputs so that a reader never sees half of one: temporary name, then rename."""
+"""Staging of outputs, the one home for "write aside, then rename": a reader (or a crash) never
+sees half of a file or folder, and a failed write leaves nothing behind."""
 
 from __future__ import annotations
 
@@ -34,8 +35,16 @@ def replace_path(new: Path, target: Path) -> None:
     remove_path(old)
 
 
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost ancestor of ``folder`` (itself included) that does not exist yet."""
+    missing = None
+    while not folder.exists() and folder != folder.parent:
+        missing, folder = folder, folder.parent
+    return missing
+
+
 @contextlib.contextmanager
-def atomic_file(path: Path, *, suffix: str | None = None) -> Iterator[Path]:
+def staged_file(path: Path, *, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on any error
     (or interrupt) it is deleted. ``suffix`` keeps the extension writers look at."""
     path = Path(path)
@@ -48,3 +57,29 @@ def atomic_file(path: Path, *, suffix: str | None = None) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """Yield an empty hidden sibling folder of ``target``; on success it replaces ``target``.
+
+    On any error (or interrupt) the staging folder is deleted, and so are the parent folders
+    that were made for it. Creating it raises ``OSError`` when the place is not writable.
+    """
+    target = Path(target)
+    made = _first_missing(target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    except BaseException:
+        if made is not None:
+            remove_path(made)
+        raise
+    try:
+        yield staging
+        replace_path(staging, target)
+    except BaseException:
+        remove_path(staging)
+        if made is not None:
+            remove_path(made)
+        raise
