@@ -23,8 +23,8 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from fed_ndif.checkpoints import build_state
 from fed_ndif.config import load_config
-from fed_ndif.training.trainer import build_bundle
 
 
 def timed(fn: Callable[[], object], *, repeats: int, min_s: float = 1.0) -> float:
@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
 
-    bundle = build_bundle(load_config("train_local", [f"model={args.model}",
+    bundle = build_state(load_config("train_local", [f"model={args.model}",
                                                       "train.device=cpu"]), device="cpu")
     model = bundle.model.eval()
     channels = model.in_channels

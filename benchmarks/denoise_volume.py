@@ -59,7 +59,7 @@ def make_checkpoint(work: Path) -> Path:
 
 
 def _sampler(ckpt: Path) -> dict:
-    from fed_ndif.training.trainer import read_checkpoint
+    from fed_ndif.checkpoints import read_checkpoint
 
     return dict(read_checkpoint(ckpt)["config"]["diffusion"]["sampler"])
 

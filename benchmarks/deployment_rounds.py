@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from fed_ndif.data.sites import make_sites
-from fed_ndif.launch import PROCESS_TAG, free_port, kill_tagged, new_tag, stop_process
+from fed_ndif.runtime.processes import PROCESS_TAG, free_port, kill_tagged, new_tag, stop_process
 
 ROOT = Path(__file__).resolve().parents[1]
 SITES = ("site_a", "site_b", "site_c")

@@ -16,11 +16,12 @@ import argparse
 import numpy as np
 import torch
 
+from fed_ndif.checkpoints import load_checkpoint
 from fed_ndif.data.dataset import SliceStackDataset, stack_indices
 from fed_ndif.data.nifti import load_nifti
-from fed_ndif.evaluation.metrics import lesion_metrics, summarize_lesions, volume_metrics
+from fed_ndif.evaluation.lesions import lesion_metrics, summarize_lesions
+from fed_ndif.image_metrics import volume_metrics
 from fed_ndif.models.sampling import _model_x0
-from fed_ndif.training.trainer import load_checkpoint
 
 
 def main() -> None:

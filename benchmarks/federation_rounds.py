@@ -13,8 +13,8 @@ import platform
 import sys
 import tempfile
 
+from fed_ndif.checkpoints import build_state, get_weights
 from fed_ndif.simulate import simulate
-from fed_ndif.training.trainer import build_bundle, get_weights
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
         from omegaconf import OmegaConf
 
         cfg = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"))
-    fp32 = sum(a.nbytes for a in get_weights(build_bundle(cfg, device="cpu")).values())
+    fp32 = sum(a.nbytes for a in get_weights(build_state(cfg, device="cpu")).values())
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; overrides: {' '.join(overrides)}")
     print(f"model fp32 size: {fp32 / 1e6:.2f} MB")
     print("| round | sites | bytes per site per direction | round wall s | slowest site "

@@ -12,7 +12,7 @@ Two sub-commands (run the two trainings concurrently, one thread each, if you li
 
 Checkpoints are the library's own (``save_checkpoint``), so ``fed-ndif`` can load them too.
 Metrics (whole test volumes, SUV, against full count): PSNR / SSIM
-(fed_ndif.evaluation.metrics.volume_metrics), lesion SUVmax bias over lesions with at least
+(fed_ndif.image_metrics.volume_metrics), lesion SUVmax bias over lesions with at least
 ``--min-lesion-voxels`` voxels (lesion_metrics + summarize_lesions: mean |bias| and signed mean),
 liver NSTD (fed_ndif.data.nstd.liver_nstd with the subject's liver mask). The Gaussian FWHM is
 tuned on the validation split by PSNR (fed_ndif.evaluation.filters.tune_filter).
@@ -29,23 +29,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fed_ndif.checkpoints import build_state, load_checkpoint, sampler_config, save_checkpoint
 from fed_ndif.config import load_config
 from fed_ndif.data.dataset import SliceStackDataset
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.nstd import liver_nstd
 from fed_ndif.evaluation.filters import tune_filter
-from fed_ndif.evaluation.metrics import lesion_metrics, summarize_lesions, volume_metrics
+from fed_ndif.evaluation.lesions import lesion_metrics, summarize_lesions
+from fed_ndif.image_metrics import volume_metrics
 from fed_ndif.models.denoise_volume import denoise_volume
-from fed_ndif.models.networks import count_parameters
 from fed_ndif.models.sampling import SamplerConfig
-from fed_ndif.training.trainer import (
-    build_bundle,
-    load_checkpoint,
-    make_train_batches,
-    sampler_config,
-    save_checkpoint,
-    train_steps,
-)
+from fed_ndif.training.trainer import make_train_batches, train_steps
 
 log = logging.getLogger("model_quality")
 
@@ -55,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = load_config("train_local", [f"model={args.model}", f"model.kind={args.kind}",
                                       "train.device=cpu", f"train.seed={args.seed}",
                                       f"data.count_levels=[{args.level}]", *args.overrides])
-    bundle = build_bundle(cfg)
+    bundle = build_state(cfg)
     data = SliceStackDataset(args.manifest, split="train", k=bundle.k,
                              normalization=bundle.normalization, count_levels=[args.level])
     batches = make_train_batches(bundle, data)
@@ -75,7 +69,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                  history[-1]["elapsed_s"])
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     save_checkpoint(bundle, args.out)
-    summary = {"kind": args.kind, "model": args.model, "params": count_parameters(bundle.model),
+    summary = {"kind": args.kind, "model": args.model,
+               "params": sum(p.numel() for p in bundle.model.parameters()),
                "train_slices": len(data), "steps": bundle.step, "wall_s": wall,
                "cpu_s": cpu,  # < wall on a shared machine: the CPU time this run really got
                "batch": int(bundle.cfg["train"]["batch_size"]),

@@ -18,18 +18,14 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from fed_ndif.checkpoints import build_state, sampler_config
 from fed_ndif.config import load_config
 from fed_ndif.data.dataset import SliceStackDataset
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.nstd import liver_nstd
-from fed_ndif.evaluation.metrics import volume_metrics
+from fed_ndif.image_metrics import volume_metrics
 from fed_ndif.models.denoise_volume import denoise_volume
-from fed_ndif.training.trainer import (
-    build_bundle,
-    make_train_batches,
-    sampler_config,
-    train_steps,
-)
+from fed_ndif.training.trainer import make_train_batches, train_steps
 
 log = logging.getLogger("sanity")
 
@@ -69,8 +65,8 @@ def main() -> None:
     torch.set_num_threads(1)
     cfg = load_config("train_local", [f"model={args.model}", "train.device=cpu",
                                       f"data.count_levels=[{args.level}]", *args.overrides])
-    unet = build_bundle({**cfg, "model": {**cfg.model, "kind": "unet"}})
-    diff = build_bundle(cfg)
+    unet = build_state({**cfg, "model": {**cfg.model, "kind": "unet"}})
+    diff = build_state(cfg)
     k = diff.k
     train = SliceStackDataset(args.manifest, split="train", k=k, normalization=diff.normalization,
                               count_levels=[args.level])

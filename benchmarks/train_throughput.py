@@ -18,9 +18,9 @@ import time
 import numpy as np
 import torch
 
+from fed_ndif.checkpoints import build_state
 from fed_ndif.config import load_config
-from fed_ndif.models.networks import count_parameters
-from fed_ndif.training.trainer import build_bundle, train_step
+from fed_ndif.training.trainer import train_step
 
 
 def measure(kind: str, size: int, *, model: str, batch: int, warmup: int, steps: int,
@@ -28,7 +28,7 @@ def measure(kind: str, size: int, *, model: str, batch: int, warmup: int, steps:
     cfg = load_config("train_local", [f"model={model}", f"model.kind={kind}",
                                       f"train.device={device}", f"train.batch_size={batch}",
                                       f"train.seed={seed}", *overrides])
-    bundle = build_bundle(cfg)
+    bundle = build_state(cfg)
     k = bundle.k
     g = torch.Generator().manual_seed(seed)
     batch_data = {"low": torch.rand(batch, 2 * k + 1, size, size, generator=g) * 0.5,
@@ -51,7 +51,8 @@ def measure(kind: str, size: int, *, model: str, batch: int, warmup: int, steps:
         sync()
         rates.append(steps * batch / (time.perf_counter() - start))
         cpu_rates.append(steps * batch / (time.process_time() - cpu_start))
-    return {"kind": kind, "size": size, "model": model, "params": count_parameters(bundle.model),
+    return {"kind": kind, "size": size, "model": model,
+            "params": sum(p.numel() for p in bundle.model.parameters()),
             "batch": batch, "steps_timed": steps * repeats,
             "stacks_per_s_median": float(np.median(rates)),
             "stacks_per_s_min": float(np.min(rates)), "stacks_per_s_max": float(np.max(rates)),

@@ -21,9 +21,7 @@ def _make_sites(args: argparse.Namespace) -> None:
 
 def _convert(args: argparse.Namespace) -> None:
     """DICOM PET series -> SUV NIfTI; checks everything before writing anything."""
-    import math
-
-    from fed_ndif.data.dicom import read_pet_series
+    from fed_ndif.data.dicom import check_weight_and_dose, read_pet_series
     from fed_ndif.data.nifti import save_nifti
 
     out = Path(args.output)
@@ -31,25 +29,23 @@ def _convert(args: argparse.Namespace) -> None:
         raise FedNdifError(f"{out}: the output must be a .nii or .nii.gz file")
     if out.exists() and not args.overwrite:
         raise FedNdifError(f"{out} exists; pass --overwrite to replace it")
-    for name, value in (("--weight", args.weight), ("--dose", args.dose)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise FedNdifError(f"{name} must be a positive number, got {value:g}")
-    volume, _ = read_pet_series(
-        Path(args.input), series_uid=args.series_uid, patient_weight_kg=args.weight,
-        injected_dose_bq=args.dose * 1e6 if args.dose is not None else None,
-    )
+    dose_bq = args.dose * 1e6 if args.dose is not None else None
+    check_weight_and_dose(args.weight, dose_bq)
+    volume, _ = read_pet_series(Path(args.input), series_uid=args.series_uid,
+                                patient_weight_kg=args.weight, injected_dose_bq=dose_bq)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_nifti(volume, out)
     log.info("wrote %s (SUV)", out)
 
 
 def _train_local(args: argparse.Namespace) -> None:
+    from fed_ndif.checkpoints import LAST_CHECKPOINT
     from fed_ndif.training.trainer import train_local
 
     summary = train_local(Path(args.manifest), Path(args.out_dir), overrides=args.overrides,
                           resume=args.resume)
     log.info("finished at step %d; checkpoint %s", int(summary.get("step", 0)),
-             Path(args.out_dir) / "last.pt")
+             Path(args.out_dir) / LAST_CHECKPOINT)
 
 
 def _denoise(args: argparse.Namespace) -> None:
@@ -57,7 +53,7 @@ def _denoise(args: argparse.Namespace) -> None:
 
     result = denoise_study(
         Path(args.input), Path(args.output), checkpoint=Path(args.checkpoint), steps=args.steps,
-        samples=args.samples, sampler=args.sampler, uncertainty=args.uncertainty,
+        samples=args.samples, sampler_name=args.sampler, uncertainty=args.uncertainty,
         output_format=args.format,
         liver_mask=Path(args.liver_mask) if args.liver_mask else None, device=args.device,
         precision=args.precision, overwrite=args.overwrite, weight_kg=args.weight,
@@ -75,15 +71,16 @@ def _simulate(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
+    from fed_ndif.checkpoints import LAST_CHECKPOINT
     from fed_ndif.training.trainer import finetune
 
     finetune(Path(args.checkpoint), Path(args.manifest), Path(args.out_dir), steps=args.steps,
              lr=args.lr, device=args.device)
-    print(f"personalized checkpoint: {Path(args.out_dir) / 'last.pt'}")
+    print(f"personalized checkpoint: {Path(args.out_dir) / LAST_CHECKPOINT}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from fed_ndif.experiment import evaluate_site
+    from fed_ndif.evaluation.compare import evaluate_site
 
     models = {}
     for item in args.model:
@@ -280,13 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "between asks for work when idle (Flower's own: 3; default: 1)")
     p.add_argument("--no-warm-pool", dest="warm_pool", action="store_false", help="start a "
                    "fresh ClientApp process per message, as Flower does (default: a warm "
-                   "pool that imports torch once and forks per message; fed_ndif.prefork)")
+                   "pool that imports torch once and forks per message; fed_ndif.runtime.prefork)")
     p.set_defaults(func=_site)
     return parser
 
 
 def _coordinator(args: argparse.Namespace) -> None:
-    from fed_ndif.launch import run_coordinator
+    from fed_ndif.runtime.coordinator import run_coordinator
 
     out = run_coordinator(Path(args.run_dir), args.overrides, certs_dir=Path(args.certs),
                           site_keys=[Path(k) for k in args.register], host=args.host,
@@ -296,7 +293,7 @@ def _coordinator(args: argparse.Namespace) -> None:
 
 
 def _site(args: argparse.Namespace) -> None:
-    from fed_ndif.launch import run_site
+    from fed_ndif.runtime.site import run_site
 
     run_site(superlink=args.superlink, ca=Path(args.ca), key=Path(args.key),
              data=Path(args.data), name=args.name, device=args.device, port=args.port,

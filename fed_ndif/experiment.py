@@ -24,19 +24,28 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from fed_ndif.checkpoints import (
+    LAST_CHECKPOINT,
+    global_checkpoint_path,
+    latest_global_checkpoint,
+    read_checkpoint,
+)
+from fed_ndif.data.manifest import MANIFEST_NAME
 from fed_ndif.errors import FedNdifError
 from fed_ndif.evaluation.compare import (
+    INPUT_LABEL,
     Method,
     checkpoint_method,
-    evaluate_methods,
     identity,
     load_studies,
     read_rows,
+    score_methods,
     tuned_filters,
     write_rows,
 )
 from fed_ndif.evaluation.report import figure_lesion_slices, write_report
-from fed_ndif.server.federation import latest_checkpoint
+from fed_ndif.run_config import federated_config
+from fed_ndif.runtime.simulation import run_flower_simulation
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +56,7 @@ FEDERATIONS: dict[str, dict[str, Any]] = {
     "fedavg_unet": {"kind": "unet"},
 }
 LABELS = {
-    "input": "Low-count input",
+    "input": INPUT_LABEL,
     "gaussian": "Gaussian filter",
     "nlm": "Non-local means",
     "local": "Local-only diffusion",
@@ -77,9 +86,9 @@ def _train_cfg(fed: dict[str, Any], steps: int) -> dict[str, Any]:
 
 
 def _train_unless_done(cfg: dict[str, Any], manifests: list[Path], out: Path) -> Path:
-    from fed_ndif.training.trainer import read_checkpoint, train_sites
+    from fed_ndif.training.trainer import train_sites
 
-    last = out / "last.pt"
+    last = out / LAST_CHECKPOINT
     if last.is_file() and int(read_checkpoint(last)["step"]) >= int(cfg["train"]["steps"]):
         log.info("%s: already trained", out)
     else:
@@ -89,12 +98,11 @@ def _train_unless_done(cfg: dict[str, Any], manifests: list[Path], out: Path) ->
 
 def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
     """Everything after the sites exist; returns report.md."""
-    from fed_ndif.simulate import federated_config, run_flower_simulation
     from fed_ndif.training.trainer import finetune
 
     methods = _methods(cfg)
     sites = list(cfg.sites.keys())
-    manifests = {s: sites_dir / s / "manifest.csv" for s in sites}
+    manifests = {s: sites_dir / s / MANIFEST_NAME for s in sites}
     rounds = int(cfg.fl.rounds)
     local_steps = int(cfg.fl.local_steps)
     finetune_steps = int(cfg.compare.finetune_steps)
@@ -106,7 +114,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
         run_dir = out_dir / "federated" / federation
         fed = federated_config(cfg, sites_dir=sites_dir, run_dir=run_dir)
         fed["model"].update(FEDERATIONS[federation])
-        done = latest_checkpoint(run_dir)
+        done = latest_global_checkpoint(run_dir)
         if done is not None and done[0] >= rounds:
             log.info("federation %s: already finished", federation)
         else:
@@ -115,7 +123,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
                                   cpus_per_site=float(cfg.simulation.cpus_per_site),
                                   gpus_per_site=float(cfg.simulation.gpus_per_site),
                                   work_dir=out_dir / "federated" / f".{federation}")
-        final = run_dir / "checkpoints" / f"global-round-{rounds:04d}.pt"
+        final = global_checkpoint_path(run_dir, rounds)
         if not final.is_file():
             raise FedNdifError(f"federation {federation} did not write {final}; see "
                                f"{out_dir / 'federated' / f'.{federation}' / 'logs'}")
@@ -129,14 +137,14 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
 
     fed = federated_config(cfg, sites_dir=sites_dir, run_dir=out_dir / "federated" / "fedndif")
     if "fedndif_personalized" in methods:
-        glob = out_dir / "federated" / "fedndif" / "checkpoints" / f"global-round-{rounds:04d}.pt"
+        glob = global_checkpoint_path(out_dir / "federated" / "fedndif", rounds)
         for site in sites:
             out = out_dir / "personalized" / site
-            if not (out / "last.pt").is_file():
+            if not (out / LAST_CHECKPOINT).is_file():
                 log.info("personalizing Fed-NDIF on %s (%d steps)", site, finetune_steps)
                 finetune(glob, manifests[site], out, steps=finetune_steps,
                          lr=float(cfg.compare.finetune_lr), device=str(cfg.compare.device))
-            checkpoints["fedndif_personalized"][site] = out / "last.pt"
+            checkpoints["fedndif_personalized"][site] = out / LAST_CHECKPOINT
     if "local" in methods:
         # Same budget as a site spends on Fed-NDIF personalized: its rounds plus fine-tuning.
         budget = _train_cfg(fed, rounds * local_steps + finetune_steps)
@@ -151,7 +159,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
         last = _train_unless_done(budget, list(manifests.values()), out_dir / "pooled")
         checkpoints["pooled"] = dict.fromkeys(sites, last)
 
-    rows, figures = evaluate_all(cfg, out_dir, sites, manifests, methods, checkpoints)
+    rows, figures = score_test_splits(cfg, out_dir, sites, manifests, methods, checkpoints)
     notes = [
         f"{len(sites)} sites; {rounds} federated rounds of {local_steps} local steps per site; "
         f"personalization: {finetune_steps} steps at lr {float(cfg.compare.finetune_lr):g}; "
@@ -179,7 +187,7 @@ def _lesion_study(studies):
     return study, int(np.round(zs.mean()))
 
 
-def evaluate_all(cfg: DictConfig, out_dir: Path, sites: list[str], manifests: dict[str, Path],
+def score_test_splits(cfg: DictConfig, out_dir: Path, sites: list[str], manifests: dict[str, Path],
                  methods: list[str], checkpoints: dict[str, dict[str, Path]]
                  ) -> tuple[list[dict], list[Path]]:
     metrics_csv = out_dir / "metrics.csv"
@@ -210,7 +218,7 @@ def evaluate_all(cfg: DictConfig, out_dir: Path, sites: list[str], manifests: di
                     name, LABELS[name], checkpoints[name][site], device=str(cfg.compare.device),
                     seed=int(cfg.compare.seed)))
         chosen, slice_index = _lesion_study(studies)
-        site_rows, outputs = evaluate_methods(site, studies, site_methods,
+        site_rows, outputs = score_methods(site, studies, site_methods,
                                               keep_outputs=lambda s, c=chosen: s is c)
         rows += site_rows
         write_rows(metrics_csv, rows)
@@ -223,31 +231,3 @@ def evaluate_all(cfg: DictConfig, out_dir: Path, sites: list[str], manifests: di
                                  window=(0.0, max(1.0, math.ceil(top))))
             figures.append(figure)
     return rows, figures
-
-
-def evaluate_site(manifest: Path, out_dir: Path, *, models: dict[str, Path],
-                  filters: bool = True, split: str = "test", device: str = "cpu",
-                  overwrite: bool = False) -> Path:
-    """``fed-ndif evaluate``: a site scores its own models (and the classical baselines) on
-    its held-out studies; writes metrics.csv, figures and report.md into ``out_dir``."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise FedNdifError(f"{out_dir} is not empty; choose a new folder or pass --overwrite")
-    for name, path in models.items():
-        if not Path(path).is_file():
-            raise FedNdifError(f"--model {name}={path}: no such checkpoint")
-    site = manifest.parent.name
-    studies = load_studies(manifest, split)
-    if not studies:
-        raise FedNdifError(f"{manifest}: no studies in split {split}")
-    methods = [Method("input", LABELS["input"], identity)]
-    if filters:
-        methods += tuned_filters(manifest)
-    methods += [checkpoint_method(name, name, Path(path), device=device)
-                for name, path in models.items()]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "figures").mkdir(exist_ok=True)
-    rows, _ = evaluate_methods(site, studies, methods)
-    write_rows(out_dir / "metrics.csv", rows)
-    return write_report(out_dir, rows, [m.name for m in methods], curves={}, figures=[],
-                        notes=[f"Site {site}, split {split}; models: " + ", ".join(
-                            f"{n} = {p}" for n, p in models.items())])

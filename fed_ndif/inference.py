@@ -11,23 +11,34 @@ leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+import fed_ndif
+from fed_ndif.checkpoints import (
+    TrainingState,
+    check_for_inference,
+    load_checkpoint,
+    read_checkpoint,
+    sampler_config,
+)
+from fed_ndif.data.dicom import check_weight_and_dose, read_pet_series, write_pet_series
 from fed_ndif.data.nifti import load_nifti, save_nifti
 from fed_ndif.data.nstd import measure_liver_nstd
 from fed_ndif.data.volume import Volume
 from fed_ndif.errors import FedNdifError
-from fed_ndif.staging import remove_path, replace_path
+from fed_ndif.models.denoise_volume import denoise_volume, resolve_device
+from fed_ndif.models.sampling import SamplerConfig
+from fed_ndif.staging import staged_file, staged_folder
 
 log = logging.getLogger(__name__)
 
@@ -164,46 +175,23 @@ def _sha256(path: Path) -> str:
 
 @dataclass
 class _Model:
-    bundle: Any  # fed_ndif.training.trainer.ModelBundle
-    sampler: Any  # SamplerConfig or None (U-Net)
+    state: TrainingState
+    sampler: SamplerConfig | None  # None for a (deterministic) U-Net
     label: str  # checkpoint as named in outputs
     sha: str
-    step: int
+    provenance: str  # "step N" of a site checkpoint, "round N" of a global one
 
 
 def _load_model(checkpoint: Path, *, steps: int | None, samples: int | None, uncertainty: bool,
                 device: str, sampler_name: str | None = None) -> _Model:
     """Read and check the checkpoint (no code executed: ``weights_only=True``), then load it."""
-    from fed_ndif.data.dataset import Normalization
-    from fed_ndif.training.trainer import load_checkpoint, read_checkpoint, sampler_config
-
     ckpt = read_checkpoint(checkpoint)  # missing, corrupt or foreign files: one clear error
-    try:
-        cfg = ckpt["config"]
-        kind = str(cfg["model"]["kind"])
-        k = cfg["model"]["k"]
-        normalization = ckpt.get("normalization")
-    except (KeyError, TypeError) as exc:
-        raise FedNdifError(f"{checkpoint}: the checkpoint lacks its model settings "
-                           f"({exc.__class__.__name__}: {exc})") from None
-    if kind not in ("diffusion", "unet"):
-        raise FedNdifError(f"{checkpoint}: model kind {kind!r} cannot denoise (expected a "
-                           "diffusion or unet checkpoint)")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise FedNdifError(f"{checkpoint}: model.k is {k!r}; expected a non-negative integer")
-    if not isinstance(normalization, dict):
-        raise FedNdifError(f"{checkpoint}: the checkpoint carries no SUV normalization, so its "
-                           "output cannot be turned back into SUV")
-    try:
-        Normalization.from_dict(normalization)
-    except (TypeError, ValueError) as exc:
-        raise FedNdifError(f"{checkpoint}: its SUV normalization {normalization} is invalid "
-                           f"({exc})") from None
+    cfg = check_for_inference(checkpoint, ckpt)
     for name, value in (("--steps", steps), ("--samples", samples)):
         if value is not None and value < 1:
             raise FedNdifError(f"{name} must be at least 1, got {value}")
     sampler = None
-    if kind == "diffusion":
+    if cfg["model"]["kind"] == "diffusion":
         overrides = {key: value for key, value in (("steps", steps), ("samples", samples),
                                                    ("name", sampler_name))
                      if value is not None}
@@ -213,10 +201,6 @@ def _load_model(checkpoint: Path, *, steps: int | None, samples: int | None, unc
         except (KeyError, TypeError) as exc:
             raise FedNdifError(f"{checkpoint}: the checkpoint's diffusion/sampler settings are "
                                f"incomplete ({exc.__class__.__name__}: {exc})") from None
-        if sampler.warm_start == "unet":
-            log.warning("the checkpoint samples from a U-Net warm start, which needs a second "
-                        "model; starting from the low-count input instead")
-            sampler = type(sampler)(**{**sampler.__dict__, "warm_start": "low_count"})
         t_start = total - 1 if sampler.warm_start == "none" else int(sampler.t_start or 0)
         if sampler.name != "ddpm" and sampler.steps > t_start + 1:
             raise FedNdifError(f"--steps {sampler.steps} is more than the {t_start + 1} "
@@ -230,11 +214,13 @@ def _load_model(checkpoint: Path, *, steps: int | None, samples: int | None, unc
                                "uncertainty map; drop --uncertainty")
         if steps is not None or samples is not None:
             log.warning("a U-Net checkpoint is deterministic: --steps/--samples are ignored")
-    bundle = load_checkpoint(checkpoint, device=device)  # weights must fit (channels, k)
+    state = load_checkpoint(checkpoint, device=device)  # weights must fit (channels, k)
     label = f"{checkpoint.parent.name}/{checkpoint.name}" if checkpoint.parent.name else (
         checkpoint.name)
-    return _Model(bundle=bundle, sampler=sampler, label=label, sha=_sha256(checkpoint)[:12],
-                  step=int(ckpt.get("step", 0)))
+    provenance = (f"round {int(ckpt['round'])}" if "round" in ckpt
+                  else f"step {int(ckpt.get('step', 0))}")
+    return _Model(state=state, sampler=sampler, label=label, sha=_sha256(checkpoint)[:12],
+                  provenance=provenance)
 
 
 def _check_axial(volume: Volume, where: Path) -> None:
@@ -258,7 +244,7 @@ def _load_mask(path: Path, volume: Volume) -> np.ndarray:
 
 def denoise_study(
     input_path: str | Path, output: str | Path, *, checkpoint: str | Path,
-    steps: int | None = None, samples: int | None = None, sampler: str | None = None,
+    steps: int | None = None, samples: int | None = None, sampler_name: str | None = None,
     uncertainty: bool = False, output_format: str | None = None,
     liver_mask: str | Path | None = None,
     device: str = "auto", precision: str = "fp32", overwrite: bool = False,
@@ -267,9 +253,9 @@ def denoise_study(
 ) -> DenoiseResult:
     """Denoise the PET study at ``input_path`` into ``output``; see ``docs/denoise.md``.
 
-    ``steps`` / ``samples`` default to the checkpoint's sampler settings; ``output_format``
-    defaults to the input's kind (``dicom`` for a DICOM folder, ``nifti`` for a NIfTI file).
-    ``weight_kg`` / ``dose_bq`` / ``series_uid`` apply to DICOM input, as in
+    ``steps`` / ``samples`` / ``sampler_name`` default to the checkpoint's sampler settings;
+    ``output_format`` defaults to the input's kind (``dicom`` for a DICOM folder, ``nifti`` for
+    a NIfTI file). ``weight_kg`` / ``dose_bq`` / ``series_uid`` apply to DICOM input, as in
     :func:`~fed_ndif.data.dicom.read_pet_series`.
     """
     started = time.perf_counter()
@@ -281,9 +267,7 @@ def denoise_study(
         raise FedNdifError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     if batch_size is not None and batch_size < 1:
         raise FedNdifError(f"--batch-size must be at least 1, got {batch_size}")
-    for name, value in (("--weight", weight_kg), ("--dose", dose_bq)):
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise FedNdifError(f"{name} must be a positive number, got {value:g}")
+    check_weight_and_dose(weight_kg, dose_bq)
     plan = _plan(input_path, output, fmt=output_format, uncertainty=uncertainty,
                  overwrite=overwrite)
     if plan.kind == "nifti" and (weight_kg is not None or dose_bq is not None
@@ -293,38 +277,28 @@ def denoise_study(
     mask_path = Path(liver_mask) if liver_mask is not None else None
     if mask_path is not None and not mask_path.is_file():
         raise FedNdifError(f"{mask_path}: no such liver mask file")
-    from fed_ndif.models.denoise_volume import denoise_volume, resolve_device
-
     dev = resolve_device(device)
-    model = _load_model(checkpoint, steps=steps, samples=samples, sampler_name=sampler,
+    model = _load_model(checkpoint, steps=steps, samples=samples, sampler_name=sampler_name,
                         uncertainty=uncertainty, device=str(dev))
-    bundle = model.bundle
+    state = model.state
     if precision == "bf16" and dev.type == "cpu":
-        # Measured on this project's 2-core x86 machine: tens of times slower than fp32.
+        # Most CPUs have no fast bf16 matrix units: PyTorch emulates it, far slower than fp32.
         log.warning("--precision bf16 on a CPU is usually much slower than fp32; it is meant "
                     "for GPUs")
 
-    # Staging: a hidden sibling of OUTPUT; creating it also proves the folder is writable.
-    first = next(iter(plan.targets.values()))
-    created = first.parent
-    while not created.parent.exists():
-        created = created.parent
-    made_parents = not first.parent.exists()
-    staging: Path | None = None
-    try:
-        first.parent.mkdir(parents=True, exist_ok=True)
-        staging = first.parent / f".{first.name}.tmp-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
-    except OSError as exc:
-        if made_parents:
-            remove_path(created)
-        raise FedNdifError(f"{first}: cannot write there ({exc.strerror or exc})") from None
-
-    try:
+    # Outputs are written beside their final names and renamed into place only when complete.
+    with contextlib.ExitStack() as stack:
+        try:
+            if plan.fmt == "nifti":
+                files = {what: stack.enter_context(staged_file(path))
+                         for what, path in plan.targets.items()}
+            else:
+                folder = stack.enter_context(staged_folder(plan.output))
+        except OSError as exc:
+            first = next(iter(plan.targets.values()))
+            raise FedNdifError(f"{first}: cannot write there ({exc.strerror or exc})") from None
         info = None
         if plan.kind == "dicom":
-            from fed_ndif.data.dicom import read_pet_series
-
             volume, info = read_pet_series(input_path, series_uid=series_uid,
                                            patient_weight_kg=weight_kg, injected_dose_bq=dose_bq)
             number = str(info.template.get("SeriesNumber", "") or "?")
@@ -342,8 +316,8 @@ def denoise_study(
         if not math.isfinite(nstd) or nstd <= 0:
             raise FedNdifError(f"liver NSTD is {nstd} ({how}); pass a liver mask on the liver")
 
-        if bundle.process is not None:
-            sampler = model.sampler
+        sampler = model.sampler
+        if sampler is not None:
             warm = "" if sampler.warm_start == "none" else f", warm start {sampler.warm_start}"
             label = (f"{SAMPLER_LABELS.get(sampler.name, sampler.name)}{warm}"
                      f", {sampler.steps} step"
@@ -351,61 +325,49 @@ def denoise_study(
                      f"{'s' if sampler.samples > 1 else ''}")
             short = f"{sampler.steps}x{sampler.samples}"
         else:
-            sampler, label, short = None, "U-Net (deterministic)", "unet"
+            label, short = "U-Net (deterministic)", "unet"
         log.info("denoising %s: liver NSTD %.4f (%s), %s", what, nstd, how, label)
         sampling_start = time.perf_counter()
         mean, std = denoise_volume(
-            bundle.ema.model, volume.array, nstd=nstd, normalization=bundle.normalization,
-            k=bundle.k, process=bundle.process, sampler=sampler, batch_size=batch_size,
+            state.ema.model, volume.array, nstd=nstd, normalization=state.normalization,
+            k=state.k, process=state.process, sampler=sampler, batch_size=batch_size,
             device=str(dev), dtype=PRECISIONS[precision], seed=seed, progress=progress)
         sampling_seconds = time.perf_counter() - sampling_start
         denoised = Volume(mean, volume.affine)
         spread = Volume(std, volume.affine) if uncertainty and std is not None else None
 
-        derivation = (f"Denoised by fed-ndif {_version()} ({label}, seed {seed}) with checkpoint "
-                      f"{model.label} (step {model.step}, sha256 {model.sha}); liver NSTD "
-                      f"{nstd:.4f} ({how})")
-        if plan.fmt in ("dicom", "both"):
-            from fed_ndif.data.dicom import write_pet_series
-
+        derivation = (f"Denoised by fed-ndif {fed_ndif.__version__} ({label}, seed {seed}) with "
+                      f"checkpoint {model.label} ({model.provenance}, sha256 {model.sha}); "
+                      f"liver NSTD {nstd:.4f} ({how})")
+        if plan.fmt == "nifti":
+            save_nifti(denoised, files["denoised"])
+            if spread is not None:
+                save_nifti(spread, files["uncertainty"])
+            outputs = [plan.targets["denoised"]]
+            if spread is not None:
+                outputs.append(plan.targets["uncertainty"])
+        else:
             assert info is not None
             source_number = _series_number(info.template.get("SeriesNumber"))
-            write_pet_series(denoised, staging / DENOISED_SERIES, template=info,
+            write_pet_series(denoised, folder / DENOISED_SERIES, template=info,
                              series_description=f"fed-ndif denoised {short} {model.label}",
                              derivation_description=derivation,
                              series_number=source_number + 1000)
             if spread is not None:
                 write_pet_series(
-                    spread, staging / UNCERTAINTY_SERIES, template=info,
+                    spread, folder / UNCERTAINTY_SERIES, template=info,
                     series_description=f"fed-ndif uncertainty SD {short} {model.label}",
                     derivation_description="Per-voxel standard deviation over samples. "
                                            + derivation,
                     series_number=source_number + 1001)
-        if plan.fmt in ("nifti", "both"):
-            save_nifti(denoised, staging / DENOISED_NIFTI)
-            if spread is not None:
-                save_nifti(spread, staging / UNCERTAINTY_NIFTI)
-
-        # Commit: everything is complete in the staging folder.
-        if plan.fmt == "nifti":
-            outputs = [plan.targets["denoised"]]
-            os.replace(staging / DENOISED_NIFTI, plan.targets["denoised"])
-            if spread is not None:
-                os.replace(staging / UNCERTAINTY_NIFTI, plan.targets["uncertainty"])
-                outputs.append(plan.targets["uncertainty"])
-            staging.rmdir()
-        else:
-            names = sorted(p.name for p in staging.iterdir())
-            replace_path(staging, plan.output)
-            outputs = [plan.output / name for name in names]
-    except BaseException:
-        remove_path(staging)
-        if made_parents:
-            remove_path(created)
-        raise
+            if plan.fmt == "both":
+                save_nifti(denoised, folder / DENOISED_NIFTI)
+                if spread is not None:
+                    save_nifti(spread, folder / UNCERTAINTY_NIFTI)
+            outputs = [plan.output / name for name in sorted(p.name for p in folder.iterdir())]
     return DenoiseResult(
         input_description=what, nstd=nstd, nstd_source=how, sampler=label,
-        checkpoint=f"{model.label} (step {model.step})", device=str(dev), precision=precision,
+        checkpoint=f"{model.label} ({model.provenance})", device=str(dev), precision=precision,
         seconds=time.perf_counter() - started, sampling_seconds=sampling_seconds,
         outputs=outputs)
 
@@ -415,12 +377,6 @@ def _series_number(value: Any) -> int:
         return int(value)
     except (TypeError, ValueError):
         return 0
-
-
-def _version() -> str:
-    from fed_ndif import __version__
-
-    return __version__
 
 
 __all__ = ["DenoiseResult", "denoise_study"]

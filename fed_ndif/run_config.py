@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,8 @@ from fed_ndif.errors import FedNdifError
 
 JSON_PREFIX = "json:"
 Scalar = bool | int | float | str
+# The parts of a simulate config that a federation's run config carries.
+FEDERATED_KEYS = ("model", "diffusion", "train", "data", "fl", "logger", "run_dir")
 
 
 def to_run_config(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Scalar]:
@@ -62,6 +65,18 @@ def from_run_config(run_config: Mapping[str, Scalar]) -> dict[str, Any]:
                 raise FedNdifError(f"run config {key}: '{part}' is both a value and a section")
         node[leaf] = value
     return nested
+
+
+def federated_config(cfg: DictConfig, *, sites_dir: Path, run_dir: Path) -> dict[str, Any]:
+    """The federated part of a simulate config, pointed at the run folder's sites."""
+    fed = OmegaConf.to_container(cfg, resolve=True)
+    fed = {key: fed[key] for key in FEDERATED_KEYS}
+    sites = list(cfg.sites.keys())
+    fed["run_dir"] = str(run_dir)
+    fed["data"]["root"] = str(sites_dir)
+    fed["data"]["sites"] = sites
+    fed["fl"]["min_sites"] = len(sites)
+    return fed
 
 
 # A packed record: every array's bytes in one uint8 Array plus a JSON index (name, dtype,

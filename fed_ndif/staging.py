@@ -43,18 +43,40 @@ def _first_missing(folder: Path) -> Path | None:
     return missing
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _remove_made(folder: Path | None) -> None:
+    if folder is not None:
+        remove_path(folder)
+
+
 @contextlib.contextmanager
 def staged_file(path: Path, *, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on any error
-    (or interrupt) it is deleted. ``suffix`` keeps the extension writers look at."""
+    (or interrupt) it is deleted, and so are the parent folders that were made for it.
+    ``suffix`` keeps the extension writers look at."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix or "".join(path.suffixes[-2:]),
-                               dir=path.parent)
-    os.close(fd)
+    made = _first_missing(path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix or "".join(path.suffixes[-2:]),
+                                   dir=path.parent)
+        os.close(fd)
+        # mkstemp makes a private file; the output gets the modes any new file would get.
+        os.chmod(tmp, 0o666 & ~_umask())
+    except BaseException:
+        _remove_made(made)
+        raise
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except BaseException:
+        _remove_made(made)
+        raise
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -71,15 +93,14 @@ def staged_folder(target: Path) -> Iterator[Path]:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+        os.chmod(staging, 0o777 & ~_umask())
     except BaseException:
-        if made is not None:
-            remove_path(made)
+        _remove_made(made)
         raise
     try:
         yield staging
         replace_path(staging, target)
     except BaseException:
         remove_path(staging)
-        if made is not None:
-            remove_path(made)
+        _remove_made(made)
         raise

@@ -13,13 +13,14 @@ import pydicom
 import pytest
 import torch
 
+from fed_ndif.checkpoints import load_checkpoint, sampler_config
 from fed_ndif.cli import main
 from fed_ndif.data.dicom import read_pet_series
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.nstd import measure_liver_nstd
 from fed_ndif.data.sites import make_sites
 from fed_ndif.models.denoise_volume import denoise_volume
-from fed_ndif.training.trainer import load_checkpoint, sampler_config, train_local
+from fed_ndif.training.trainer import train_local
 from tests.helpers.tools import require_tool
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from fed_ndif.launch import PROCESS_TAG, free_port, kill_tagged, new_tag, stop_process
+from fed_ndif.runtime.processes import PROCESS_TAG, free_port, kill_tagged, new_tag, stop_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -189,7 +189,8 @@ def test_tls_federation_with_node_auth_runs_two_rounds_and_checkpoints(tls_feder
     history = rounds(run_dir)
     assert [r["round"] for r in history] == [1, 2]
     assert all(r["sites"] == list(SITES) and not r["failed"] for r in history)
-    for name in SITES:  # each site's ClientApp ran forked from its warm pool (fed_ndif.prefork)
+    # Each site's ClientApp ran forked from its warm pool (fed_ndif.runtime.prefork).
+    for name in SITES:
         assert "ClientApp task started in the warm pool" in tls_federation.logs[name], name
     superlink = (run_dir / "logs" / "superlink.log").read_text()
     assert "Uvicorn running on https://127.0.0.1" in superlink  # TLS, loopback only

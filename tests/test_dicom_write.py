@@ -10,8 +10,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from fed_ndif.data import dicom as dicom_module
 from fed_ndif.data.dicom import SyntheticPatient, read_pet_series, write_pet_series
+from fed_ndif.data.dicom.series import PET_IMAGE_STORAGE
 from fed_ndif.data.volume import Volume, axial_affine
 from fed_ndif.errors import FedNdifError
 from tests.helpers.dicom_factory import SeriesSpec, make_series
@@ -62,7 +62,7 @@ def test_synthetic_round_trip(tmp_path):
     datasets = _files(out)
     assert len(datasets) == 6 and len({d.SOPInstanceUID for d in datasets}) == 6
     first = datasets[0]
-    assert first.SOPClassUID == dicom_module.PET_IMAGE_STORAGE
+    assert first.SOPClassUID == PET_IMAGE_STORAGE
     assert list(first.ImageType) == ["DERIVED", "PRIMARY"] and first.Units == "BQML"
     assert first.PixelRepresentation == 1 and first.BitsAllocated == 16
     assert "PatientPosition" not in first and "RescaleType" not in first

@@ -110,5 +110,11 @@ def test_tiny_unet_overfits_a_tiny_set():
     assert losses[-1] * OVERFIT_FACTOR < losses[0], (losses[0], losses[-1])
 
 
-def test_diffusion_net_config_defaults_are_buildable():
-    assert DiffusionNetConfig().channels[0] > 0
+def test_diffusion_net_config_defaults_build_a_working_network():
+    from fed_ndif.models.networks import ConditionalDiffusionUNet
+
+    model = ConditionalDiffusionUNet(k=1, net=DiffusionNetConfig()).eval()
+    x = torch.randn(2, 4, 20, 28)  # not a multiple of the network's stride: padded and cropped
+    with torch.no_grad():
+        out = model(x, torch.tensor([10, 500]), torch.tensor([0.1, 0.3]))
+    assert out.shape == (2, 1, 20, 28) and torch.isfinite(out).all()

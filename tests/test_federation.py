@@ -11,13 +11,12 @@ import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fed_ndif.checkpoints import latest_global_checkpoint, read_checkpoint
 from fed_ndif.client.app import app as client_app
 from fed_ndif.config import load_config
 from fed_ndif.data.sites import make_sites
 from fed_ndif.run_config import from_array_record, from_run_config, to_array_record, to_run_config
 from fed_ndif.server.app import app as server_app
-from fed_ndif.server.federation import latest_checkpoint
-from fed_ndif.training.trainer import read_checkpoint
 from tests.helpers.inprocess_grid import InProcessGrid
 
 SITES = ["site_a", "site_b", "site_c"]
@@ -124,7 +123,7 @@ def test_a_site_that_fails_mid_round_is_left_out_and_named(sites_root, tmp_path)
     assert first["sites"] == SITES
     assert second["sites"] == ["site_a", "site_c"]
     assert "site_b" in second["failed"] and "GPU fell off the bus" in second["failed"]["site_b"]
-    assert latest_checkpoint(run_dir)[0] == 2
+    assert latest_global_checkpoint(run_dir)[0] == 2
 
 
 def _hostile_app(corrupt) -> ClientApp:
@@ -175,7 +174,7 @@ def test_restart_after_round_one_ends_with_the_uninterrupted_weights(sites_root,
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     _federate(_run_config(sites_root, straight))
     _federate(_run_config(sites_root, resumed, "fl.rounds=1"))  # the coordinator stops here
-    assert latest_checkpoint(resumed)[0] == 1
+    assert latest_global_checkpoint(resumed)[0] == 1
     grid = _federate(_run_config(sites_root, resumed))  # restarted with the same run_dir
     assert {t for _, t in grid.calls} == {"train"} and len(grid.calls) == 3  # only round 2 ran
     assert [r["round"] for r in _rounds(resumed)] == [1, 2]

@@ -7,10 +7,11 @@ import csv
 import numpy as np
 import pytest
 
+from fed_ndif.checkpoints import read_checkpoint
 from fed_ndif.cli import main
 from fed_ndif.data.sites import make_sites
 from fed_ndif.evaluation.filters import tune_filter
-from fed_ndif.training.trainer import read_checkpoint, train_local
+from fed_ndif.training.trainer import train_local
 
 
 def test_tuned_gaussian_smooths_noise_and_leaves_clean_data_nearly_alone():

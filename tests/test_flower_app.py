@@ -17,7 +17,7 @@ import pytest
 from fed_ndif.cli import main
 from fed_ndif.config import load_config
 from fed_ndif.run_config import pyproject_app_config
-from fed_ndif.simulate import PROCESS_TAG
+from fed_ndif.runtime.processes import PROCESS_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
 

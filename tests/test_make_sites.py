@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from fed_ndif.cli import main
+from fed_ndif.data.manifest import MANIFEST_COLUMNS
 from fed_ndif.data.nifti import load_nifti
-from fed_ndif.data.sites import MANIFEST_COLUMNS, make_sites
+from fed_ndif.data.sites import make_sites
 from fed_ndif.data.volume import axial_affine
 from fed_ndif.errors import FedNdifError
 

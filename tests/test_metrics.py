@@ -9,7 +9,8 @@ import pytest
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric
 
-from fed_ndif.evaluation.metrics import lesion_metrics, summarize_lesions, volume_metrics
+from fed_ndif.evaluation.lesions import lesion_metrics, summarize_lesions
+from fed_ndif.image_metrics import volume_metrics
 
 
 def test_psnr_nmse_hand_computed():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from fed_ndif.errors import FedNdifError
 from fed_ndif.models.networks import (
@@ -125,11 +124,20 @@ def test_build_model_validates():
                      "unet": {"channels": [8, 16], "strides": [2], "num_res_units": 0}})
 
 
-def test_presets_build(tmp_path):
+def test_presets_build_and_run_and_grow_in_size():
     from fed_ndif.config import load_config
 
+    sizes = {"diffusion": [], "unet": []}
     for preset in ("tiny", "small", "base"):
         cfg = load_config("train_local", [f"model={preset}"])
+        k = int(cfg.model.k)
+        low, nstd = torch.rand(1, 2 * k + 1, 24, 24), torch.tensor([0.2])
         for kind in ("diffusion", "unet"):
-            model = build_model({**cfg.model, "kind": kind})
-            assert isinstance(model, nn.Module)
+            model = build_model({**cfg.model, "kind": kind}).eval()
+            with torch.no_grad():
+                out = (model(torch.cat([torch.randn(1, 1, 24, 24), low], 1), torch.tensor([5]),
+                             nstd) if kind == "diffusion" else model(low, nstd))
+            assert out.shape == (1, 1, 24, 24) and torch.isfinite(out).all(), (preset, kind)
+            sizes[kind].append(sum(p.numel() for p in model.parameters()))
+    for kind, counts in sizes.items():
+        assert counts == sorted(counts) and counts[0] < counts[-1], (kind, counts)

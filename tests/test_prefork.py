@@ -1,5 +1,5 @@
-"""The warm ClientApp pool (fed_ndif.prefork): tasks forked with the shim's streams, environment
-and exit status; signals relayed; a missing pool falls back to the real command."""
+"""The warm ClientApp pool (fed_ndif.runtime.prefork): tasks forked with the shim's streams,
+environment and exit status; signals relayed; a missing pool falls back to the real command."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fed_ndif.prefork import write_shim
+from fed_ndif.runtime.prefork import write_shim
 
 TARGET = "tests.helpers.prefork_target:main"
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +39,8 @@ def _wait_for(condition, timeout_s: float = 20.0) -> None:
 def pool(tmp_path):
     socket_path = tmp_path / "pool.sock"
     process = subprocess.Popen(
-        [sys.executable, "-m", "fed_ndif.prefork", "serve", str(socket_path), "--target", TARGET,
-         "--preload", "--parent-pid", str(os.getpid())], cwd=ROOT,
+        [sys.executable, "-m", "fed_ndif.runtime.prefork", "serve", str(socket_path),
+         "--target", TARGET, "--preload", "--parent-pid", str(os.getpid())], cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         _wait_for(socket_path.exists)
@@ -107,7 +107,7 @@ def test_the_pool_exits_when_its_parent_does(tmp_path):
     socket_path = tmp_path / "pool.sock"
     launcher = (
         "import subprocess, sys, os; "
-        f"p = subprocess.Popen([sys.executable, '-m', 'fed_ndif.prefork', 'serve', "
+        f"p = subprocess.Popen([sys.executable, '-m', 'fed_ndif.runtime.prefork', 'serve', "
         f"{str(socket_path)!r}, '--target', {TARGET!r}, '--preload', '--parent-pid', "
         "str(os.getpid())]); print(p.pid, flush=True)")
     parent = subprocess.Popen([sys.executable, "-c", launcher + "; import time; time.sleep(60)"],
@@ -129,12 +129,12 @@ def test_preloaded_pool_leaves_no_heavy_import_to_a_task():
     """A forked task must not import torch._dynamo (1.5-3 s) when it builds its optimizer."""
     script = (
         "import importlib, json, sys\n"
-        "from fed_ndif.prefork import PRELOAD\n"
+        "from fed_ndif.runtime.prefork import PRELOAD\n"
         "for name in PRELOAD: importlib.import_module(name)\n"
         "from tests.helpers.models import tiny_cfg\n"
-        "from fed_ndif.training.trainer import build_bundle\n"
+        "from fed_ndif.checkpoints import build_state\n"
         "before = set(sys.modules)\n"
-        "build_bundle(tiny_cfg(), device='cpu')\n"
+        "build_state(tiny_cfg(), device='cpu')\n"
         "print(json.dumps(sorted(set(sys.modules) - before)))\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fed_ndif.data.dataset import Normalization
+from fed_ndif.data.normalization import Normalization
 from fed_ndif.errors import FedNdifError
 from fed_ndif.models.denoise_volume import denoise_volume
 from fed_ndif.models.diffusion import DiffusionConfig, DiffusionProcess

@@ -9,19 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from fed_ndif.cli import main
-from fed_ndif.data.dataset import Normalization, SliceStackDataset
-from fed_ndif.errors import FedNdifError
-from fed_ndif.training.trainer import (
-    build_bundle,
-    evaluate,
+from fed_ndif.checkpoints import (
+    build_state,
     get_weights,
     load_checkpoint,
-    make_train_batches,
     save_checkpoint,
     set_weights,
-    train_steps,
 )
+from fed_ndif.cli import main
+from fed_ndif.data.dataset import SliceStackDataset
+from fed_ndif.data.normalization import Normalization
+from fed_ndif.errors import FedNdifError
+from fed_ndif.training.trainer import make_train_batches, train_steps, validate
 from tests.helpers.models import tiny_cfg
 from tests.helpers.synthetic import write_site
 
@@ -47,7 +46,7 @@ def train_set(site):
 def test_seeds_give_identical_runs(train_set, kind):
     runs = []
     for _ in range(2):
-        bundle = build_bundle(tiny_cfg(kind=kind))
+        bundle = build_state(tiny_cfg(kind=kind))
         metrics = train_steps(bundle, make_train_batches(bundle, train_set), 3)
         runs.append((metrics["last_loss"], get_weights(bundle)))
     assert runs[0][0] == runs[1][0]
@@ -56,7 +55,7 @@ def test_seeds_give_identical_runs(train_set, kind):
 
 
 def test_checkpoint_round_trip_and_exact_resume(train_set, tmp_path):
-    bundle = build_bundle(tiny_cfg())
+    bundle = build_state(tiny_cfg())
     train_steps(bundle, make_train_batches(bundle, train_set), 3)
     path = tmp_path / "ckpt.pt"
     save_checkpoint(bundle, path)
@@ -78,7 +77,7 @@ def test_checkpoint_round_trip_and_exact_resume(train_set, tmp_path):
 
 
 def test_checkpoint_with_wrong_channel_count_is_a_clear_error(tmp_path):
-    bundle = build_bundle(tiny_cfg(k=1))
+    bundle = build_state(tiny_cfg(k=1))
     path = tmp_path / "k1.pt"
     save_checkpoint(bundle, path)
     with pytest.raises(FedNdifError, match=r"k=1 \(3 low-count slices\).*k=2"):
@@ -94,7 +93,7 @@ def test_checkpoint_with_wrong_channel_count_is_a_clear_error(tmp_path):
 
 
 def test_get_set_weights(train_set):
-    a, b = build_bundle(tiny_cfg()), build_bundle({**tiny_cfg(), "train": {
+    a, b = build_state(tiny_cfg()), build_state({**tiny_cfg(), "train": {
         **tiny_cfg()["train"], "seed": 1}})
     weights = get_weights(a)
     assert all(isinstance(v, np.ndarray) for v in weights.values())
@@ -109,9 +108,9 @@ def test_get_set_weights(train_set):
 
 
 def test_evaluate_reports_volume_metrics(site):
-    bundle = build_bundle(tiny_cfg())
+    bundle = build_state(tiny_cfg())
     val = SliceStackDataset(site, split="val", k=1, normalization=bundle.normalization)
-    metrics = evaluate(bundle, val)
+    metrics = validate(bundle, val)
     assert {"psnr", "ssim", "nmse", "input_psnr", "num-examples"} <= set(metrics)
     assert metrics["num-examples"] == 1 and np.isfinite(metrics["psnr"])
 

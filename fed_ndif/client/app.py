@@ -18,17 +18,13 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fed_ndif.data.dataset import Normalization, SliceStackDataset
+from fed_ndif.checkpoints import build_state, get_weights, set_weights
+from fed_ndif.data.dataset import SliceStackDataset
+from fed_ndif.data.manifest import MANIFEST_NAME, manifest_path
+from fed_ndif.data.normalization import Normalization
 from fed_ndif.errors import FedNdifError
 from fed_ndif.run_config import from_array_record, from_run_config, to_array_record
-from fed_ndif.training.trainer import (
-    build_bundle,
-    evaluate,
-    get_weights,
-    make_train_batches,
-    set_weights,
-    train_steps,
-)
+from fed_ndif.training.trainer import make_train_batches, train_steps, validate
 from fed_ndif.transfer import encode_update
 
 log = logging.getLogger(__name__)
@@ -43,7 +39,7 @@ def site_manifest(cfg: dict[str, Any], node_config: dict[str, Any]) -> tuple[str
     """The site's name and manifest path from node config (deployment) or partition id."""
     if node_config.get("data-path"):
         path = Path(str(node_config["data-path"])).expanduser()
-        manifest = path / "manifest.csv" if path.is_dir() else path
+        manifest = manifest_path(path)
         name = str(node_config.get("site-name") or manifest.parent.name)
     elif "partition-id" in node_config:
         sites = list(cfg["data"]["sites"])
@@ -51,7 +47,7 @@ def site_manifest(cfg: dict[str, Any], node_config: dict[str, Any]) -> tuple[str
         if not 0 <= index < len(sites):
             raise FedNdifError(f"partition-id {index} has no site in data.sites={sites}")
         name = sites[index]
-        manifest = Path(cfg["data"]["root"]) / name / "manifest.csv"
+        manifest = Path(cfg["data"]["root"]) / name / MANIFEST_NAME
     else:
         raise FedNdifError("node config needs data-path (the site's manifest or folder)")
     if not manifest.is_file():
@@ -76,9 +72,9 @@ def _setup(msg: Message, context: Context):
     # Each site draws its own batches and noise: the seed depends on the site's name.
     cfg["train"]["seed"] = int(cfg["train"]["seed"]) + zlib.crc32(name.encode()) % 100_000
     device = str(context.node_config.get("device", cfg["train"].get("device", "auto")))
-    bundle = build_bundle(cfg, device=device)
-    set_weights(bundle, from_array_record(msg.content["arrays"]))
-    return cfg, name, manifest, bundle
+    state = build_state(cfg, device=device)
+    set_weights(state, from_array_record(msg.content["arrays"]))
+    return cfg, name, manifest, state
 
 
 def _reply(msg: Message, name: str, metrics: dict[str, float],
@@ -92,27 +88,28 @@ def _reply(msg: Message, name: str, metrics: dict[str, float],
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, name, manifest, bundle = _setup(msg, context)
+    cfg, name, manifest, state = _setup(msg, context)
     server_round = int(msg.content["config"]["server-round"])
     local_steps = int(cfg["fl"]["local_steps"])
     dataset = _dataset(manifest, "train", cfg)
-    received = get_weights(bundle)
+    received = get_weights(state)
     # Batches of round r continue where round r-1 stopped: no slice is favoured.
-    bundle.step = (server_round - 1) * local_steps
-    metrics = train_steps(bundle, make_train_batches(bundle, dataset), local_steps)
+    state.step = (server_round - 1) * local_steps
+    metrics = train_steps(state, make_train_batches(state, dataset), local_steps)
     log.info("site %s round %d: loss %.4g over %d steps", name, server_round, metrics["loss"],
              local_steps)
     # FedAvg weights each site by its number of training slice stacks.
     metrics = {"train_loss": metrics["loss"], "train_seconds": metrics["seconds"],
                "num-examples": float(len(dataset))}
-    return _reply(msg, name, metrics, encode_update(get_weights(bundle), received,
+    return _reply(msg, name, metrics, encode_update(get_weights(state), received,
                                                     str(cfg["fl"]["transfer_dtype"])))
 
 
 @app.evaluate()
-def validate(msg: Message, context: Context) -> Message:
-    cfg, name, manifest, bundle = _setup(msg, context)
+def validate_global(msg: Message, context: Context) -> Message:
+    """The global model received this round, scored on the site's validation split."""
+    cfg, name, manifest, state = _setup(msg, context)
     dataset = _dataset(manifest, "val", cfg)
-    metrics = evaluate(bundle, dataset, max_studies=int(cfg["fl"]["evaluate_max_studies"]))
+    metrics = validate(state, dataset, max_studies=int(cfg["fl"]["evaluate_max_studies"]))
     return _reply(msg, name, {f"val_{k}" if k != "num-examples" else k: v
                               for k, v in metrics.items()})

@@ -1,13 +1,11 @@
 """Simulated hospital sites: subjects, scans at several count levels, masks and a manifest.
 
-The manifest (``<site>/manifest.csv``) is also the format a hospital fills in for its own data:
-one row per low-count study with columns :data:`MANIFEST_COLUMNS`, paths relative to the manifest,
-``count_level`` as a fraction of full count, ``split`` train/val/test by subject.
+Each site folder gets a manifest in the format of :mod:`fed_ndif.data.manifest`, the same one
+a hospital fills in for its own data.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import zlib
@@ -22,6 +20,7 @@ from tqdm import tqdm
 
 from fed_ndif.config import load_config
 from fed_ndif.data.dicom import SyntheticPatient, write_pet_series
+from fed_ndif.data.manifest import MANIFEST_NAME, write_manifest
 from fed_ndif.data.nifti import save_nifti
 from fed_ndif.data.phantom import MIN_FOV_MM, Grid, Organ, make_phantom
 from fed_ndif.data.scanner import ScannerProfile, simulate_scans
@@ -31,8 +30,6 @@ from fed_ndif.staging import staged_folder
 
 log = logging.getLogger(__name__)
 
-MANIFEST_COLUMNS = ("subject", "count_level", "low_count", "full_count", "liver_mask",
-                    "lesion_mask", "split")
 MIN_MATRIX = 16
 # The part of a composed config that defines the simulated sites (make_sites.yaml's keys).
 SITE_CONFIG_KEYS = ("sites", "seed", "split", "write_dicom")
@@ -190,13 +187,6 @@ def _write_subject(site: SiteSpec, index: int, split: str, seed: int,
     return rows
 
 
-def write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def make_sites(out: Path, *, overrides: list[str] | tuple[str, ...] = (), overwrite: bool = False,
                montage: Path | None = None) -> list[Path]:
     """``fed-ndif make-sites``: compose configs/make_sites.yaml with overrides, write the sites."""
@@ -234,11 +224,11 @@ def write_sites(out: Path, cfg: DictConfig, *, overwrite: bool = False,
                 spec, index, splits[spec.name][index], int(cfg.seed), staging / spec.name,
                 write_dicom=write_dicom)
         for name, rows in manifests.items():
-            write_manifest(staging / name / "manifest.csv", rows)
+            write_manifest(staging / name / MANIFEST_NAME, rows)
     if montage is not None:
         from fed_ndif.data.montage import write_site_montage
 
         write_site_montage(out, [s.name for s in specs], montage)
         log.info("wrote the site montage to %s", montage)
     log.info("wrote %d sites (%d subjects) to %s", len(specs), len(jobs), out)
-    return [out / s.name / "manifest.csv" for s in specs]
+    return [out / s.name / MANIFEST_NAME for s in specs]

@@ -16,13 +16,20 @@ from pathlib import Path
 
 import numpy as np
 
-from fed_ndif.data.dataset import Study, read_manifest
+from fed_ndif.checkpoints import load_checkpoint, sampler_config
+from fed_ndif.data.manifest import Study, read_manifest
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.nstd import liver_nstd
+from fed_ndif.errors import FedNdifError
 from fed_ndif.evaluation.filters import TunedFilter, tune_filter
-from fed_ndif.evaluation.metrics import lesion_metrics, summarize_lesions, volume_metrics
+from fed_ndif.evaluation.lesions import lesion_metrics, summarize_lesions
+from fed_ndif.evaluation.report import write_report
+from fed_ndif.image_metrics import volume_metrics
+from fed_ndif.models.denoise_volume import denoise_volume
 
 log = logging.getLogger(__name__)
+
+INPUT_LABEL = "Low-count input"
 
 Denoiser = Callable[[np.ndarray, float, Sequence[float]], np.ndarray]
 
@@ -46,19 +53,14 @@ def filter_method(tuned: TunedFilter, label: str) -> Method:
 def checkpoint_method(name: str, label: str, checkpoint: Path, *, device: str = "cpu",
                       seed: int = 0, steps: int | None = None) -> Method:
     """A trained model (diffusion: its own sampler settings; U-Net: one pass), EMA weights."""
-    from fed_ndif.models.denoise_volume import denoise_volume
-    from fed_ndif.training.trainer import load_checkpoint, sampler_config
-
-    bundle = load_checkpoint(checkpoint, device=device)
+    state = load_checkpoint(checkpoint, device=device)
     overrides = {"steps": steps} if steps else {}
-    sampler = sampler_config(bundle.cfg, **overrides) if bundle.process is not None else None
-    if sampler is not None and sampler.warm_start == "unet":
-        sampler = sampler_config(bundle.cfg, **overrides, warm_start="low_count")
+    sampler = sampler_config(state.cfg, **overrides) if state.process is not None else None
 
     def run(low: np.ndarray, nstd: float, spacing: Sequence[float]) -> np.ndarray:
-        mean, _ = denoise_volume(bundle.ema.model, low, nstd=nstd,
-                                 normalization=bundle.normalization, k=bundle.k,
-                                 process=bundle.process, sampler=sampler, device=device,
+        mean, _ = denoise_volume(state.ema.model, low, nstd=nstd,
+                                 normalization=state.normalization, k=state.k,
+                                 process=state.process, sampler=sampler, device=device,
                                  seed=seed, progress=False)
         return mean
 
@@ -66,7 +68,9 @@ def checkpoint_method(name: str, label: str, checkpoint: Path, *, device: str = 
 
 
 @dataclass
-class LoadedStudy:
+class TestStudy:
+    """A held-out study as evaluation sees it: SUV volumes, masks and voxel spacing."""
+
     study: Study
     low: np.ndarray
     full: np.ndarray
@@ -80,7 +84,7 @@ class LoadedStudy:
 
 
 def load_studies(manifest: Path, split: str, *, count_levels: Sequence[float] | None = None,
-                 max_subjects: int | None = None) -> list[LoadedStudy]:
+                 max_subjects: int | None = None) -> list[TestStudy]:
     studies = [s for s in read_manifest(manifest) if s.split == split]
     if count_levels:
         studies = [s for s in studies if any(abs(s.count_level - c) < 1e-9 for c in count_levels)]
@@ -90,7 +94,7 @@ def load_studies(manifest: Path, split: str, *, count_levels: Sequence[float] | 
     loaded = []
     for study in studies:
         low = load_nifti(study.low_count)
-        loaded.append(LoadedStudy(
+        loaded.append(TestStudy(
             study=study, low=low.array, full=load_nifti(study.full_count).array,
             liver=load_nifti(study.liver_mask).array > 0,
             lesions=(load_nifti(study.lesion_mask).array.astype(np.int32)
@@ -109,8 +113,8 @@ def tuned_filters(manifest: Path) -> list[Method]:
 MIN_LESION_VOXELS = 8
 
 
-def evaluate_methods(site: str, studies: list[LoadedStudy], methods: list[Method], *,
-                     keep_outputs: Callable[[LoadedStudy], bool] | None = None
+def score_methods(site: str, studies: list[TestStudy], methods: list[Method], *,
+                     keep_outputs: Callable[[TestStudy], bool] | None = None
                      ) -> tuple[list[dict], dict]:
     """Rows of metrics (site, subject, level, method) and, for studies ``keep_outputs`` selects,
     the output volumes by (subject, level, method) for figures."""
@@ -158,3 +162,31 @@ def read_rows(path: Path) -> list[dict]:
                 # A metric that does not apply (no lesion large enough) is written empty.
                 row[key] = float(row[key]) if row.get(key) not in (None, "") else math.nan
     return rows
+
+
+def evaluate_site(manifest: Path, out_dir: Path, *, models: dict[str, Path],
+                  filters: bool = True, split: str = "test", device: str = "cpu",
+                  overwrite: bool = False) -> Path:
+    """``fed-ndif evaluate``: a site scores its own models (and the classical baselines) on
+    its held-out studies; writes metrics.csv, figures and report.md into ``out_dir``."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FedNdifError(f"{out_dir} is not empty; choose a new folder or pass --overwrite")
+    for name, path in models.items():
+        if not Path(path).is_file():
+            raise FedNdifError(f"--model {name}={path}: no such checkpoint")
+    site = manifest.parent.name
+    studies = load_studies(manifest, split)
+    if not studies:
+        raise FedNdifError(f"{manifest}: no studies in split {split}")
+    methods = [Method("input", INPUT_LABEL, identity)]
+    if filters:
+        methods += tuned_filters(manifest)
+    methods += [checkpoint_method(name, name, Path(path), device=device)
+                for name, path in models.items()]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "figures").mkdir(exist_ok=True)
+    rows, _ = score_methods(site, studies, methods)
+    write_rows(out_dir / "metrics.csv", rows)
+    return write_report(out_dir, rows, [m.name for m in methods], curves={}, figures=[],
+                        notes=[f"Site {site}, split {split}; models: " + ", ".join(
+                            f"{n} = {p}" for n, p in models.items())])

@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.restoration import denoise_nl_means, estimate_sigma
 
-from fed_ndif.evaluation.metrics import volume_metrics
+from fed_ndif.image_metrics import volume_metrics
 
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 GAUSSIAN_FWHM_MM = (2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0)

@@ -1,6 +1,7 @@
-"""The comparison report: report.md with the tables, PNG figures, the exact config.
+"""The comparison report: report.md with the tables and PNG figures, and metrics_summary.json.
 
-Every number in the report is computed here from the rows of metrics.csv of the same run.
+Every number in the report is computed here from the rows of metrics.csv of the same run; the
+report points to the run's config.yaml when the run has one (a simulated experiment does).
 """
 
 from __future__ import annotations
@@ -146,10 +147,14 @@ def write_report(run: Path, rows: list[dict], method_order: list[str], *,
     if curves:
         figure_training_curves(curves, run / "figures" / "training_curves.png")
     sites = sorted({r["site"] for r in rows})
+    title = ("Fed-NDIF simulated multi-site comparison" if len(sites) > 1
+             else f"Fed-NDIF evaluation of site {sites[0]}")
+    config = (" the exact configuration is `config.yaml`." if (run / "config.yaml").is_file()
+              else "")
     lines = [
-        "# Fed-NDIF simulated multi-site comparison\n",
+        f"# {title}\n",
         f"Sites: {', '.join(sites)}. Every number below is computed from `metrics.csv` of this "
-        "run (one row per test study and method); the exact configuration is `config.yaml`.\n",
+        f"run (one row per test study and method);{config}\n",
         "Metrics are over the entire 3D volume against the full-count image, in SUV. PSNR data "
         "range: the full-count volume's maximum SUV (per study). SSIM: 3D, 7-voxel window "
         "(scikit-image), same data range. Lesion metrics use lesions of at least 8 voxels; "

@@ -8,7 +8,6 @@ diffusion model (sampled; mean and per-voxel std over K samples) or the determin
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Protocol
 
 import numpy as np
@@ -19,8 +18,6 @@ from tqdm import tqdm
 from fed_ndif.errors import FedNdifError
 from fed_ndif.models.diffusion import DiffusionProcess
 from fed_ndif.models.sampling import SamplerConfig, sample
-
-log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -42,9 +39,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def default_batch_size(device: torch.device) -> int:
-    """Slices per network call. On a CPU small batches run closest to the compute floor
-    (benchmarks/compute_floor.py: 128x128, 2 threads, batch 4 at 1.9x the floor, batch 16 at
-    3.6x); a GPU wants large ones."""
+    """Slices per network call. On a CPU small batches keep the activations in cache and run
+    closest to the compute floor (benchmarks/compute_floor.py measures it); a GPU wants large
+    ones to fill its cores."""
     return 4 if device.type == "cpu" else 32
 
 

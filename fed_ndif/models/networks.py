@@ -205,10 +205,6 @@ class UNet25D(nn.Module):
         return self.gain(out) + low[:, self.k:self.k + 1]
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def build_model(model_cfg, *, prediction_type: str = "sample") -> nn.Module:
     """The network a ``model`` config describes (``kind``: diffusion | unet)."""
     kind = model_cfg["kind"]

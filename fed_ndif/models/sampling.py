@@ -21,7 +21,6 @@ Each step is exactly one network evaluation; ``len(ddim_timesteps(...)) == steps
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -30,8 +29,6 @@ from torch import nn
 
 from fed_ndif.errors import FedNdifError
 from fed_ndif.models.diffusion import DiffusionProcess
-
-log = logging.getLogger(__name__)
 
 SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
 WARM_STARTS = ("none", "low_count", "unet")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,6 +22,16 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping, FedAvg
 
+from fed_ndif.checkpoints import (
+    GLOBAL_CHECKPOINTS,
+    build_state,
+    get_weights,
+    global_checkpoint_path,
+    latest_global_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    set_weights,
+)
 from fed_ndif.errors import FedNdifError
 from fed_ndif.run_config import from_array_record, to_array_record
 from fed_ndif.server.aggregation import (
@@ -32,18 +41,10 @@ from fed_ndif.server.aggregation import (
     weighted_average,
     weighted_metrics,
 )
-from fed_ndif.training.trainer import (
-    build_bundle,
-    get_weights,
-    read_checkpoint,
-    save_checkpoint,
-    set_weights,
-)
 from fed_ndif.transfer import check_transfer_dtype, decode_update, encode_global, received_weights
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"global-round-(\d{4,})\.pt$")
 # How often the ServerApp asks the SuperLink for replies. Flower 1.42's HttpGrid sleeps 3 s
 # between pulls, which adds up to 3 s to every exchange of a deployed round. Much faster polling
 # made the SuperLink's SQLite state report "database is locked" on a loaded 2-core machine.
@@ -194,12 +195,6 @@ class CheckedFedAvg(FedAvg):
         return MetricRecord(metrics)
 
 
-def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
-    found = [(int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("global-round-*.pt")
-             if (m := CHECKPOINT_PATTERN.search(p.name))]
-    return max(found) if found else None
-
-
 def _tracker(cfg: dict[str, Any], run_dir: Path):
     mode = str(cfg.get("logger", {}).get("wandb_mode", "offline"))
     if mode == "disabled":
@@ -218,22 +213,22 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
     transfer = str(fl.get("transfer_dtype", "float32"))
     check_transfer_dtype(transfer)  # a bad setting fails before anything is written
     run_dir = Path(cfg["run_dir"])
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    bundle = build_bundle(cfg, device="cpu")
+    (run_dir / GLOBAL_CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+    state = build_state(cfg, device="cpu")
     start_round = 0
-    latest = latest_checkpoint(run_dir) if fl.get("resume", True) else None
+    latest = latest_global_checkpoint(run_dir) if fl.get("resume", True) else None
     if latest is not None:
         start_round, path = latest
         ckpt = read_checkpoint(path)
         for section in ("model", "diffusion", "data"):
-            if ckpt["config"][section] != bundle.cfg[section]:
+            if ckpt["config"][section] != state.cfg[section]:
                 raise FedNdifError(f"{path}: its {section} settings differ from this run's; "
                                    "resume with the same settings or use a new run_dir")
-        set_weights(bundle, {k: v.numpy() for k, v in ckpt["model"].items()})
+        set_weights(state, {k: v.numpy() for k, v in ckpt["model"].items()})
         log.info("resuming from %s (round %d of %d)", path, start_round, fl["rounds"])
     else:
-        save_checkpoint(bundle, run_dir / "checkpoints" / "global-round-0000.pt")
-    weights = get_weights(bundle)
+        save_checkpoint(state, global_checkpoint_path(run_dir, 0), federated_round=0)
+    weights = get_weights(state)
     strategy: Any = CheckedFedAvg(
         reference=weights, fraction_train=float(fl["fraction_train"]),
         fraction_evaluate=1.0 if int(fl["evaluate_max_studies"]) > 0 else 0.0,
@@ -265,10 +260,9 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
             new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
             if new_arrays is not None:
                 arrays, global_weights = new_arrays, from_array_record(new_arrays)
-            set_weights(bundle, global_weights)
-            bundle.step = server_round
-            save_checkpoint(bundle, run_dir / "checkpoints" /
-                            f"global-round-{server_round:04d}.pt")
+            set_weights(state, global_weights)
+            save_checkpoint(state, global_checkpoint_path(run_dir, server_round),
+                            federated_round=server_round)
             eval_metrics = None
             if int(fl["evaluate_max_studies"]) > 0:
                 eval_replies = send_and_receive(

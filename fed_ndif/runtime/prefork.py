@@ -11,7 +11,7 @@ entry point with them; its pid and then its exit status come back to the shim, w
 signals to it and exits with its status. If the pool is not there, the shim runs the real
 ``flwr-clientapp``: slower, never broken.
 
-    python -m fed_ndif.prefork serve SOCKET [--target MODULE:FUNCTION] [--parent-pid PID]
+    python -m fed_ndif.runtime.prefork serve SOCKET [--target MODULE:FUNCTION] [--parent-pid PID]
         [--preload MODULE ...]
 """
 
@@ -40,7 +40,7 @@ PRELOAD = ("fed_ndif.client.app", "torch._dynamo")
 HEADER = 8  # bytes of a length or pid, big-endian
 
 SHIM = '''#!{python} -I
-"""flwr-clientapp shim written by fed_ndif.prefork: runs the task in the warm pool."""
+"""flwr-clientapp shim written by fed_ndif.runtime.prefork: runs the task in the warm pool."""
 import json, os, signal, socket, sys
 SOCKET, REAL = {socket!r}, {real!r}
 
@@ -203,7 +203,7 @@ def serve(socket_path: Path, *, target: str = CLIENTAPP_TARGET,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m fed_ndif.prefork")
+    parser = argparse.ArgumentParser(prog="python -m fed_ndif.runtime.prefork")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("serve", help="run the pool on a Unix socket")
     run.add_argument("socket", type=Path)

@@ -1,9 +1,6 @@
-"""Image-quality and lesion metrics on whole 3D volumes in SUV.
+"""Lesion metrics on whole 3D volumes in SUV: uptake bias, contrast recovery, CNR.
 
-PSNR and SSIM come from scikit-image with an explicit data range: the full-count (reference)
-volume's maximum SUV, ``max(ref) - min(0, min(ref))``, per subject. SSIM is 3D with a 7-voxel
-window (smaller for volumes thinner than that) and scikit-image's default sample covariance.
-Lesion metrics are written by hand (no maintained library defines PET lesion SUV bias or CNR).
+Written by hand: no maintained library defines PET lesion SUV bias or CNR.
 """
 
 from __future__ import annotations
@@ -13,36 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 BACKGROUND_SHELL_VOXELS = 3  # in-plane dilation of a lesion that defines its local background
 # Contrast recovery is a ratio of contrasts: for lesions barely visible in the full-count image
 # (lesion/background < 1.5) it divides by ~0 and means nothing, so it is left out for them.
 MIN_REFERENCE_CONTRAST = 0.5
-
-
-def data_range(reference: np.ndarray) -> float:
-    return float(reference.max() - min(float(reference.min()), 0.0)) or 1.0
-
-
-def ssim_window(shape: tuple[int, ...]) -> int:
-    return int(min(7, *(d if d % 2 else d - 1 for d in shape)))
-
-
-def volume_metrics(output: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """PSNR (dB), SSIM and NMSE of ``output`` against the full-count ``reference``."""
-    output = np.asarray(output, np.float64)
-    reference = np.asarray(reference, np.float64)
-    if output.shape != reference.shape:
-        raise ValueError(f"shapes differ: {output.shape} vs {reference.shape}")
-    rng = data_range(reference)
-    mse = float(np.mean((output - reference) ** 2))
-    psnr = (float(peak_signal_noise_ratio(reference, output, data_range=rng)) if mse > 0
-            else math.inf)
-    ssim = float(structural_similarity(reference, output, data_range=rng,
-                                       win_size=ssim_window(reference.shape)))
-    nmse = mse / max(float(np.mean(reference**2)), 1e-12)
-    return {"psnr": psnr, "ssim": ssim, "nmse": nmse}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,178 @@
+"""``fed-ndif coordinator RUN_DIR``: the federation's coordinator.
+
+A SuperLink with TLS and SuperNode authentication, the listed site keys registered, and the
+Fed-NDIF run launched with ``flwr run`` from hydra overrides of configs/federated.yaml.
+Everything of the run lives in RUN_DIR: ``config.yaml``, ``run_config.toml``, ``checkpoints/``,
+``metrics.jsonl``, ``logs/``, ``.flwr/`` (FLWR_HOME) and, with ``--state-db``, ``state.db``
+(the SuperLink's state; by default it is kept in memory: the file-backed SQLite state answered
+"database is locked" under load, which loses replies). ``--resume`` continues from the latest
+checkpoint; keys are registered at each start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from fed_ndif.errors import FedNdifError
+from fed_ndif.runtime.processes import (
+    CONNECTION,
+    PROCESS_TAG,
+    flower_command,
+    flower_env,
+    new_tag,
+    terminate_on_sigterm,
+    write_connection,
+)
+from fed_ndif.runtime.superlink import ServerCerts, flwr_run, superlink
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 9092
+
+
+def check_public_key(path: Path) -> Path:
+    """Fail early, with the fix, on a site key that Flower would refuse to register."""
+    if not path.is_file():
+        raise FedNdifError(f"site key file {path} does not exist")
+    text = path.read_text(errors="replace").strip()
+    if not text.startswith("ecdsa-sha2-nistp"):
+        raise FedNdifError(f"{path} is not an ECDSA public key in OpenSSH format (make one with "
+                           "ssh-keygen -t ecdsa -b 384 -N '' -f KEY and register KEY.pub)")
+    return path
+
+
+def _flwr(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([flower_command("flwr"), *args], env=env, capture_output=True,
+                          text=True, check=False)
+
+
+def registered_keys(env: dict[str, str]) -> int:
+    """How many SuperNode keys the SuperLink knows (0 when it cannot say)."""
+    result = _flwr(["supernode", "list", CONNECTION, "--format", "json"], env)
+    with contextlib.suppress(json.JSONDecodeError):
+        return len(json.loads(result.stdout).get("nodes", []))
+    return 0
+
+
+def register_site_keys(keys: Sequence[Path], env: dict[str, str]) -> None:
+    """``flwr supernode register KEY.pub`` for each key (one already registered is fine)."""
+    for key in keys:
+        result = _flwr(["supernode", "register", str(key), CONNECTION, "--format", "json"], env)
+        output = result.stdout + result.stderr
+        if result.returncode == 0 and "already" not in output:
+            log.info("registered site key %s", key)
+        elif "already in use" in output:
+            log.info("site key %s was registered before", key)
+        else:
+            raise FedNdifError(f"could not register {key}: "
+                               f"{output.strip().splitlines()[-1] if output.strip() else '?'}")
+
+
+def wait_for_sites(count: int, env: dict[str, str], *, timeout_s: float) -> None:
+    """Block until ``count`` SuperNodes are online (``flwr supernode list``)."""
+    deadline = time.monotonic() + timeout_s
+    online = 0
+    while time.monotonic() < deadline:
+        result = _flwr(["supernode", "list", CONNECTION, "--format", "json"], env)
+        with contextlib.suppress(json.JSONDecodeError, AttributeError):
+            nodes = json.loads(result.stdout).get("nodes", [])
+            online = sum(node.get("status") == "online" for node in nodes)
+            if online >= count:
+                log.info("%d sites online", online)
+                return
+        time.sleep(1.0)
+    raise FedNdifError(f"only {online} of {count} sites came online within {timeout_s:.0f} s")
+
+
+def coordinator_config(run_dir: Path, overrides: Sequence[str], *, resume: bool
+                       ) -> dict[str, Any]:
+    """The run's config: federated.yaml + overrides (on resume: the saved config + overrides)."""
+    from omegaconf import OmegaConf
+
+    from fed_ndif.checkpoints import latest_global_checkpoint
+    from fed_ndif.config import load_config
+
+    saved = run_dir / "config.yaml"
+    if resume:
+        if not saved.is_file():
+            raise FedNdifError(f"{run_dir} holds no run to resume (no config.yaml)")
+        cfg = OmegaConf.merge(OmegaConf.load(saved), OmegaConf.from_dotlist(list(overrides)))
+    else:
+        if latest_global_checkpoint(run_dir) is not None or saved.exists():
+            raise FedNdifError(f"{run_dir} already holds a run; pass --resume to continue it or "
+                               "use a new run folder")
+        cfg = load_config("federated", list(overrides))
+    fed = OmegaConf.to_container(cfg, resolve=True)
+    fed["run_dir"] = str(run_dir)
+    fed["fl"]["resume"] = bool(resume)
+    return fed
+
+
+def run_coordinator(run_dir: Path, overrides: Sequence[str] = (), *, certs_dir: Path,
+                    site_keys: Sequence[Path] = (), host: str = "127.0.0.1",
+                    port: int = DEFAULT_PORT, resume: bool = False, wait_sites: int = 0,
+                    wait_timeout_s: float = 600.0, state_db: bool = False) -> Path:
+    """Start the SuperLink, register the site keys, run (or resume) the federation."""
+    from omegaconf import OmegaConf
+
+    from fed_ndif.run_config import pyproject_app_config
+
+    run_dir = run_dir.resolve()
+    certs = ServerCerts.from_dir(certs_dir.resolve())
+    keys = [check_public_key(Path(k).resolve()) for k in site_keys]
+    flower_command("flower-superlink")  # fail before anything is written
+    fed = coordinator_config(run_dir, overrides, resume=resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(fed)))
+    run_config = run_dir / "run_config.toml"
+    run_config.write_text(tomli_w.dumps(pyproject_app_config(fed)))
+    flwr_home = run_dir / ".flwr"
+    tag = os.environ.get(PROCESS_TAG) or new_tag()
+    env = flower_env(flwr_home, **{PROCESS_TAG: tag})
+    run_log = run_dir / "logs" / "flwr-run.log"
+    try:
+        # The SuperLink's own SuperExec (ServerApp launcher) keeps Flower's 1 s task poll: each
+        # poll is a query on the SuperLink's state.
+        with terminate_on_sigterm(), superlink(
+                flwr_home=flwr_home, log_file=run_dir / "logs" / "superlink.log", tls=certs,
+                host=host, port=port, tag=tag, superexec_poll_s=1.0,
+                database=run_dir / "state.db" if state_db else None) as address:
+            write_connection(flwr_home, address, root_certificates=certs.ca)
+            register_site_keys(keys, env)
+            log.info("ready: sites can connect to %s", address)
+            if not keys and registered_keys(env) == 0:
+                log.warning("no site key is registered: no site can join "
+                            "(pass --register KEY.pub)")
+            if wait_sites:
+                wait_for_sites(wait_sites, env, timeout_s=wait_timeout_s)
+            log.info("%s the federation in %s", "resuming" if resume else "starting", run_dir)
+            flwr_run(CONNECTION, run_config, env, run_log)
+    except KeyboardInterrupt as exc:
+        raise FedNdifError(f"stopped ({exc or 'interrupted'}); the checkpoints in {run_dir} are "
+                           "kept: continue with --resume") from None
+    done = _last_round(run_dir)
+    if done < int(fed["fl"]["rounds"]):
+        # `flwr run` exits 0 even when the ServerApp crashed: check the run's own record.
+        raise FedNdifError(f"the run stopped after round {done} of {fed['fl']['rounds']}; see "
+                           f"{run_dir / 'logs'}; continue with --resume")
+    return run_dir
+
+
+def _last_round(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    rounds = [0]
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
+                rounds.append(int(json.loads(line)["round"]))
+    return max(rounds)

@@ -1,0 +1,184 @@
+"""Launching, stopping and finding the processes fed-ndif starts: the one home for that.
+
+Every process started here gets its own session (process group) and is stopped by its id;
+processes its children leave behind are found by an environment tag and stopped too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+import fed_ndif
+from fed_ndif.errors import FedNdifError
+
+log = logging.getLogger(__name__)
+
+PROCESS_TAG = "FED_NDIF_PROCESS_TAG"
+SUPERLINK_START_TIMEOUT_S = 60.0
+CONNECTION = "fed-ndif"
+# Flower's SuperExec (which starts a ClientApp/ServerApp process per task) polls for tasks every
+# second by default; 0.2 s costs nothing measurable and cuts the wait.
+SUPEREXEC_POLL_S = 0.2
+
+
+def project_root() -> Path:
+    """The Flower app folder (pyproject.toml with [tool.flwr.app]) this package came from."""
+    root = Path(fed_ndif.__file__).resolve().parents[1]
+    if not (root / "pyproject.toml").is_file():
+        raise FedNdifError("running the federation needs the source tree (pyproject.toml beside "
+                           "fed_ndif/); install fed-ndif with `pip install -e .`")
+    return root
+
+
+def flower_command(name: str) -> str:
+    """A Flower executable: the one installed beside this Python (the venv), else on PATH.
+
+    Looking beside ``sys.executable`` first means commands work without an activated venv.
+    """
+    beside = Path(sys.executable).parent / name
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise FedNdifError(f"{name} is not installed beside {sys.executable} nor on PATH "
+                           "(install flwr 1.42)")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, process: subprocess.Popen, log_file: Path, *,
+                  host: str = "127.0.0.1", what: str = "the local SuperLink",
+                  timeout_s: float = SUPERLINK_START_TIMEOUT_S) -> None:
+    """Block until ``process`` listens on ``port``; fail early if it exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise FedNdifError(f"{what} exited with code {process.returncode}; see {log_file}")
+        with socket.socket() as sock:
+            if sock.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.2)
+    raise FedNdifError(f"{what} did not start within {timeout_s:.0f} s; see {log_file}")
+
+
+def stop_process(process: subprocess.Popen, *, sig: int = signal.SIGTERM,
+                 timeout_s: float = 15.0) -> None:
+    """Stop a process group we started, by its id: ``sig`` (SIGTERM), then SIGKILL."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def tagged(tag: str) -> list[int]:
+    """Live processes whose environment carries ``PROCESS_TAG=tag`` (Linux /proc)."""
+    needle = f"{PROCESS_TAG}={tag}".encode()
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return [pid for pid in found if pid != os.getpid()]
+
+
+def kill_tagged(tag: str, *, timeout_s: float = 15.0) -> None:
+    """SIGKILL the tagged processes and wait until they are gone."""
+    deadline = time.monotonic() + timeout_s
+    while (pids := tagged(tag)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    if pids:
+        log.warning("processes %s did not stop", pids)
+
+
+def new_tag() -> str:
+    """A tag unique to this process and moment, for :data:`PROCESS_TAG`."""
+    return f"{os.getpid()}-{time.monotonic_ns()}"
+
+
+def flower_env(flwr_home: Path | None, **extra: str) -> dict[str, str]:
+    """Environment for Flower's commands: no telemetry, fast SuperExec polling, FLWR_HOME, and
+    this Python's folder first on PATH (Flower starts its own helpers by name)."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "FLWR_TELEMETRY_ENABLED": "0",
+           "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get(
+               "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(SUPEREXEC_POLL_S)), **extra}
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def write_connection(flwr_home: Path, address: str, *, root_certificates: Path | None,
+                     name: str = CONNECTION, options: dict[str, Any] | None = None) -> None:
+    """``$FLWR_HOME/config.toml`` with one SuperLink connection (the default)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    connection: dict[str, Any] = {"address": address}
+    if root_certificates is None:
+        connection["insecure"] = True
+    else:
+        connection["root-certificates"] = str(root_certificates)
+    connection.update(options or {})
+    (flwr_home / "config.toml").write_text(tomli_w.dumps(
+        {"superlink": {"default": name, name: connection}}))
+
+
+def stream_process(command: list[str], env: dict[str, str], log_file: Path, *,
+                   echo: bool = True) -> int:
+    """Run ``command`` in its own session, copying its output to ``log_file`` (and stderr)."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as out:
+        process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                out.write(line)
+                out.flush()
+                if echo:
+                    sys.stderr.buffer.write(line)
+                    sys.stderr.flush()
+            process.wait()
+        finally:
+            stop_process(process)
+    return process.returncode
+
+
+@contextlib.contextmanager
+def terminate_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so that ``finally`` blocks stop our children."""
+    def handler(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,171 @@
+"""``fed-ndif site``: a site's SuperNode (TLS, its private key, its data folder as node config).
+
+The SuperNode runs through this module's entry point, which can shorten Flower's idle poll and
+start the warm ClientApp pool before handing over to Flower's own ``flower-supernode``:
+
+    python -m fed_ndif.runtime.site supernode [--poll-interval S] [--warm-pool] -- ARGS
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fed_ndif.data.manifest import MANIFEST_NAME, manifest_path
+from fed_ndif.errors import FedNdifError
+from fed_ndif.runtime.prefork import write_shim
+from fed_ndif.runtime.processes import flower_command, flower_env
+
+log = logging.getLogger(__name__)
+
+# The SuperNode asks the SuperLink for work every 3 s when idle (hard-coded in Flower 1.42);
+# this module's SuperNode entry point can shorten it (see patch_supernode_polling).
+SUPERNODE_POLL_S = 1.0
+
+
+def check_private_key(path: Path) -> Path:
+    """Fail early on a missing key or a public key passed in its place."""
+    if not path.is_file():
+        raise FedNdifError(f"site private key {path} does not exist")
+    head = path.read_bytes()[:64]
+    if b"PRIVATE KEY" not in head:
+        raise FedNdifError(f"{path} is not a private key (pass the key file itself, not the .pub)")
+    return path
+
+
+def site_manifest_path(data: Path) -> Path:
+    """The site's manifest, given its folder or the file itself; it must exist."""
+    manifest = manifest_path(data)
+    if not manifest.is_file():
+        raise FedNdifError(f"no site manifest at {manifest} (a site folder holds "
+                           f"{MANIFEST_NAME}; see README, 'Site manifest')")
+    return manifest
+
+
+def supernode_args(*, superlink: str, ca: Path, key: Path, data: Path, name: str,
+                   device: str = "auto", port: int = 9094) -> list[str]:
+    """``flower-supernode`` arguments for one site (TLS, node key, the site's data only)."""
+    node_config = f"data-path='{data}' site-name='{name}' device='{device}'"
+    return ["--superlink", superlink, "--root-certificates", str(ca),
+            "--auth-supernode-private-key", str(key), "--port", str(port),
+            "--node-config", node_config]
+
+
+def site_command(*, superlink: str, ca: Path, key: Path, data: Path, name: str | None = None,
+                 device: str = "auto", port: int = 9094, poll_s: float = SUPERNODE_POLL_S,
+                 warm_pool: bool = True) -> tuple[list[str], dict[str, str]]:
+    """Checked command line and environment that start a site's SuperNode."""
+    if ":" not in superlink:
+        raise FedNdifError(f"--superlink {superlink!r}: give HOST:PORT")
+    if not ca.is_file():
+        raise FedNdifError(f"CA certificate {ca} does not exist (get ca.crt from the "
+                           "coordinator)")
+    check_private_key(key)
+    data = data.resolve()
+    manifest = site_manifest_path(data)
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise FedNdifError(f"--device {device!r}: use auto, cpu, cuda or cuda:N")
+    if "'" in str(data) or (name and "'" in name):
+        raise FedNdifError("the data path and site name may not contain a quote (')")
+    name = name or manifest.parent.name
+    args = supernode_args(superlink=superlink, ca=ca.resolve(), key=key.resolve(),
+                          data=data, name=name, device=device, port=port)
+    command = [sys.executable, "-m", "fed_ndif.runtime.site", "supernode", "--poll-interval",
+               f"{poll_s:g}", *(["--warm-pool"] if warm_pool else []), "--", *args]
+    return command, flower_env(None)
+
+
+def run_site(**kwargs: Any) -> None:
+    """Replace this process with the site's SuperNode (signals then reach it directly)."""
+    command, env = site_command(**kwargs)
+    log.info("starting the SuperNode of site %s: %s", kwargs.get("name") or "?",
+             " ".join(command[5:]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(command[0], command, env)
+
+
+def patch_supernode_polling(poll_s: float) -> None:
+    """Make an idle SuperNode ask for work every ``poll_s`` s instead of 3 s (Flower 1.42).
+
+    Flower 1.42 hard-codes ``time.sleep(3)`` in the SuperNode's pull loop; this swaps the
+    ``time`` module seen by ``flwr.supernode.start_client_internal`` for one whose ``sleep`` is
+    capped at ``poll_s``. It leans on a private module: checked by tests/test_deployment.py.
+    """
+    import types
+
+    from flwr.supernode import start_client_internal as sci
+
+    real = time
+
+    def sleep(seconds: float) -> None:
+        real.sleep(min(seconds, poll_s))
+
+    shim = types.SimpleNamespace(**{name: getattr(real, name) for name in dir(real)
+                                    if not name.startswith("__")})
+    shim.sleep = sleep
+    if getattr(sci, "time", None) is not real:
+        raise FedNdifError("this Flower version's SuperNode cannot take --poll-interval; "
+                           "leave it at 3")
+    sci.time = shim  # type: ignore[assignment]
+
+
+def start_warm_pool() -> subprocess.Popen:
+    """Start the ClientApp pool and put its ``flwr-clientapp`` shim first on this process's
+    PATH, which the SuperNode's SuperExec inherits. Stopped when this process exits."""
+    import atexit
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="fed-ndif-pool-"))
+    socket_path = folder / "pool.sock"
+    shim = write_shim(folder / "bin", socket_path, flower_command("flwr-clientapp"))
+    pool = subprocess.Popen([sys.executable, "-m", "fed_ndif.runtime.prefork", "serve",
+                             str(socket_path), "--parent-pid", str(os.getpid())])
+    os.environ["PATH"] = os.pathsep.join([str(shim.parent), os.environ.get("PATH", "")])
+
+    def stop() -> None:
+        pool.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            pool.wait(timeout=5)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    atexit.register(stop)
+    return pool
+
+
+def supernode_main(argv: Sequence[str]) -> None:
+    """``python -m fed_ndif.runtime.site supernode [--poll-interval S] -- SUPERNODE-ARGS``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="fed_ndif.runtime.site supernode")
+    parser.add_argument("--poll-interval", type=float, default=3.0)
+    parser.add_argument("--warm-pool", action="store_true",
+                        help="run ClientApp tasks in a warm pool (fed_ndif.runtime.prefork)")
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    ns = parser.parse_args(argv)
+    flower_args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
+    from flwr.supercore.logger import update_console_handler
+    from flwr.supernode.cli import flower_supernode
+
+    update_console_handler(timestamps=True, colored=False)
+    if ns.poll_interval < 3.0:
+        patch_supernode_polling(max(0.1, ns.poll_interval))
+    if ns.warm_pool:
+        start_warm_pool()
+    sys.argv = ["flower-supernode", *flower_args]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["supernode"]:
+        supernode_main(sys.argv[2:])
+    else:
+        sys.exit("usage: python -m fed_ndif.runtime.site supernode [--poll-interval S] -- ARGS")
