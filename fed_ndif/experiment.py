@@ -18,6 +18,7 @@ import copy
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,12 @@ from fed_ndif.data.manifest import MANIFEST_NAME
 from fed_ndif.errors import FedNdifError
 from fed_ndif.evaluation.compare import (
     INPUT_LABEL,
+    NOISE_FREE_LABEL,
     Method,
     checkpoint_method,
-    identity,
+    input_method,
     load_studies,
+    noise_free_method,
     read_rows,
     score_methods,
     tuned_filters,
@@ -57,6 +60,7 @@ FEDERATIONS: dict[str, dict[str, Any]] = {
 }
 LABELS = {
     "input": INPUT_LABEL,
+    "noise_free": NOISE_FREE_LABEL,
     "gaussian": "Gaussian filter",
     "nlm": "Non-local means",
     "local": "Local-only diffusion",
@@ -72,11 +76,61 @@ NEEDS_FEDERATION = {"fedndif_global": "fedndif", "fedndif_personalized": "fedndi
 
 def _methods(cfg: DictConfig) -> list[str]:
     methods = list(cfg.compare.methods)
-    unknown = [m for m in methods if m not in LABELS]
+    unknown = [m for m in methods if m not in LABELS or m == "noise_free"]
     if unknown:
         raise FedNdifError(f"configuration error: compare.methods has unknown {unknown}; "
-                           f"choose from {list(LABELS)}")
+                           f"choose from {[m for m in LABELS if m != 'noise_free']}")
     return methods
+
+
+LEARNED = {"local", "fedavg_unet", "fedavg_no_nstd", "fedndif_global", "fedndif_personalized",
+           "pooled"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One training budget for every learned method: optimizer steps x batch, per site.
+
+    A site spends ``per_site = rounds x local_steps + finetune_steps`` steps on Fed-NDIF
+    personalized (federated rounds, then fine-tuning). Every other learned method gets the
+    same: the federations run ``finetune_steps / local_steps`` more rounds (personalization
+    starts from round ``rounds``), local-only trains ``per_site`` steps at each site, and
+    pooled training ``sites x per_site`` steps on all sites' data.
+    """
+
+    sites: int
+    rounds: int
+    local_steps: int
+    finetune_steps: int
+    batch: int
+
+    def __post_init__(self) -> None:
+        if self.finetune_steps % self.local_steps:
+            raise FedNdifError(f"configuration error: compare.finetune_steps "
+                               f"({self.finetune_steps}) must be a multiple of fl.local_steps "
+                               f"({self.local_steps}), so that every learned method can get the "
+                               "same training budget")
+
+    @property
+    def per_site(self) -> int:
+        return self.rounds * self.local_steps + self.finetune_steps
+
+    @property
+    def federated_rounds(self) -> int:
+        return self.rounds + self.finetune_steps // self.local_steps
+
+    def label(self) -> str:
+        return f"{self.sites} × {self.per_site} × {self.batch}"
+
+    def notes(self, finetune_lr: float) -> str:
+        return (f"Training budget, the same for every learned method: {self.per_site} optimizer "
+                f"steps of batch {self.batch} per site ({self.sites} sites; table column "
+                f"'budget' = sites × steps × batch). Fed-NDIF personalized: {self.rounds} "
+                f"federated rounds of {self.local_steps} local steps, then {self.finetune_steps} "
+                f"fine-tuning steps at lr {finetune_lr:g}; the federations (Fed-NDIF global, "
+                f"FedAvg U-Net, FedAvg diffusion without NSTD): {self.federated_rounds} rounds; "
+                f"local-only: {self.per_site} steps at each site; pooled: "
+                f"{self.sites * self.per_site} steps on all sites' data.")
 
 
 def _train_cfg(fed: dict[str, Any], steps: int) -> dict[str, Any]:
@@ -103,9 +157,11 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
     methods = _methods(cfg)
     sites = list(cfg.sites.keys())
     manifests = {s: sites_dir / s / MANIFEST_NAME for s in sites}
-    rounds = int(cfg.fl.rounds)
-    local_steps = int(cfg.fl.local_steps)
-    finetune_steps = int(cfg.compare.finetune_steps)
+    budget = Budget(sites=len(sites), rounds=int(cfg.fl.rounds),
+                    local_steps=int(cfg.fl.local_steps),
+                    finetune_steps=int(cfg.compare.finetune_steps),
+                    batch=int(cfg.train.batch_size))
+    rounds = budget.federated_rounds
 
     checkpoints: dict[str, dict[str, Path]] = {m: {} for m in methods}
     curves: dict[str, list[dict]] = {}
@@ -114,6 +170,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
         run_dir = out_dir / "federated" / federation
         fed = federated_config(cfg, sites_dir=sites_dir, run_dir=run_dir)
         fed["model"].update(FEDERATIONS[federation])
+        fed["fl"]["rounds"] = rounds
         done = latest_global_checkpoint(run_dir)
         if done is not None and done[0] >= rounds:
             log.info("federation %s: already finished", federation)
@@ -122,7 +179,8 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
             run_flower_simulation(fed, n_sites=len(sites),
                                   cpus_per_site=float(cfg.simulation.cpus_per_site),
                                   gpus_per_site=float(cfg.simulation.gpus_per_site),
-                                  work_dir=out_dir / "federated" / f".{federation}")
+                                  work_dir=out_dir / "federated" / f".{federation}",
+                                  name=f"federation {federation}")
         final = global_checkpoint_path(run_dir, rounds)
         if not final.is_file():
             raise FedNdifError(f"federation {federation} did not write {final}; see "
@@ -137,40 +195,42 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
 
     fed = federated_config(cfg, sites_dir=sites_dir, run_dir=out_dir / "federated" / "fedndif")
     if "fedndif_personalized" in methods:
-        glob = global_checkpoint_path(out_dir / "federated" / "fedndif", rounds)
+        start = global_checkpoint_path(out_dir / "federated" / "fedndif", budget.rounds)
         for site in sites:
             out = out_dir / "personalized" / site
             if not (out / LAST_CHECKPOINT).is_file():
-                log.info("personalizing Fed-NDIF on %s (%d steps)", site, finetune_steps)
-                finetune(glob, manifests[site], out, steps=finetune_steps,
+                log.info("personalizing Fed-NDIF round %d on %s (%d steps)", budget.rounds,
+                         site, budget.finetune_steps)
+                finetune(start, manifests[site], out, steps=budget.finetune_steps,
                          lr=float(cfg.compare.finetune_lr), device=str(cfg.compare.device))
             checkpoints["fedndif_personalized"][site] = out / LAST_CHECKPOINT
     if "local" in methods:
-        # Same budget as a site spends on Fed-NDIF personalized: its rounds plus fine-tuning.
-        budget = _train_cfg(fed, rounds * local_steps + finetune_steps)
+        local = _train_cfg(fed, budget.per_site)
         for site in sites:
-            log.info("local-only training on %s (%d steps)", site, budget["train"]["steps"])
-            checkpoints["local"][site] = _train_unless_done(budget, [manifests[site]],
+            log.info("local-only training on %s (%d steps)", site, budget.per_site)
+            checkpoints["local"][site] = _train_unless_done(local, [manifests[site]],
                                                             out_dir / "local" / site)
     if "pooled" in methods:
-        # Same total steps as the whole federation (every site's local steps, every round).
-        budget = _train_cfg(fed, len(sites) * rounds * local_steps)
-        log.info("pooled training on all sites (%d steps)", budget["train"]["steps"])
-        last = _train_unless_done(budget, list(manifests.values()), out_dir / "pooled")
+        pooled = _train_cfg(fed, len(sites) * budget.per_site)
+        log.info("pooled training on all sites (%d steps)", pooled["train"]["steps"])
+        last = _train_unless_done(pooled, list(manifests.values()), out_dir / "pooled")
         checkpoints["pooled"] = dict.fromkeys(sites, last)
 
     rows, figures = score_test_splits(cfg, out_dir, sites, manifests, methods, checkpoints)
     notes = [
-        f"{len(sites)} sites; {rounds} federated rounds of {local_steps} local steps per site; "
-        f"personalization: {finetune_steps} steps at lr {float(cfg.compare.finetune_lr):g}; "
-        f"local-only: {rounds * local_steps + finetune_steps} steps per site; pooled: "
-        f"{len(sites) * rounds * local_steps} steps in total.",
+        budget.notes(float(cfg.compare.finetune_lr)),
         f"Diffusion sampling: {cfg.diffusion.sampler.name}, {cfg.diffusion.sampler.steps} "
         f"steps, {cfg.diffusion.sampler.samples} sample(s), warm start "
         f"{cfg.diffusion.sampler.warm_start}; model preset channels "
         f"{list(cfg.model.diffusion_net.channels)}.",
     ]
-    return write_report(out_dir, rows, methods, curves=curves, notes=notes, figures=figures)
+    budgets = {m: budget.label() for m in methods if m in LEARNED}
+    # The noise-free reference (simulated sites) is scored right after the input it shows the
+    # physical best for.
+    order = [shown for name in methods
+             for shown in ((name, "noise_free") if name == "input" else (name,))]
+    return write_report(out_dir, rows, order, curves=curves, notes=notes, figures=figures,
+                        budgets=budgets)
 
 
 def _lesion_study(studies):
@@ -187,9 +247,9 @@ def _lesion_study(studies):
     return study, int(np.round(zs.mean()))
 
 
-def score_test_splits(cfg: DictConfig, out_dir: Path, sites: list[str], manifests: dict[str, Path],
-                 methods: list[str], checkpoints: dict[str, dict[str, Path]]
-                 ) -> tuple[list[dict], list[Path]]:
+def score_test_splits(cfg: DictConfig, out_dir: Path, sites: list[str],
+                      manifests: dict[str, Path], methods: list[str],
+                      checkpoints: dict[str, dict[str, Path]]) -> tuple[list[dict], list[Path]]:
     metrics_csv = out_dir / "metrics.csv"
     figures_dir = out_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +270,9 @@ def score_test_splits(cfg: DictConfig, out_dir: Path, sites: list[str], manifest
             "gaussian", "nlm"} & set(methods) else {}
         for name in methods:
             if name == "input":
-                site_methods.append(Method("input", LABELS["input"], identity))
+                site_methods.append(input_method())
+                if any(s.ideal is not None for s in studies):
+                    site_methods.append(noise_free_method())
             elif name in filters:
                 site_methods.append(filters[name])
             else:
@@ -219,7 +281,7 @@ def score_test_splits(cfg: DictConfig, out_dir: Path, sites: list[str], manifest
                     seed=int(cfg.compare.seed)))
         chosen, slice_index = _lesion_study(studies)
         site_rows, outputs = score_methods(site, studies, site_methods,
-                                              keep_outputs=lambda s, c=chosen: s is c)
+                                           keep_outputs=lambda s, c=chosen: s is c)
         rows += site_rows
         write_rows(metrics_csv, rows)
         if chosen is not None:

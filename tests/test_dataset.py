@@ -9,13 +9,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fed_ndif.data.dataset import (
-    Normalization,
-    SliceStackDataset,
-    read_manifest,
-    stack_indices,
-)
+from fed_ndif.data.dataset import SliceStackDataset, stack_indices
+from fed_ndif.data.manifest import read_manifest
 from fed_ndif.data.nifti import load_nifti
+from fed_ndif.data.normalization import Normalization
 from fed_ndif.data.nstd import liver_nstd
 from fed_ndif.errors import FedNdifError
 from tests.helpers.synthetic import write_site
@@ -108,6 +105,16 @@ def test_bad_manifests_are_named(site, tmp_path, change, message):
     with pytest.raises(FedNdifError, match=message) as info:
         read_manifest(bad)
     assert bad.name in str(info.value)
+
+
+def test_the_noise_free_column_is_optional(site, tmp_path):
+    assert all(s.ideal is None for s in read_manifest(site))  # no such column
+    with_column = _rewrite(site, tmp_path, lambda r, f: (
+        [{**x, "ideal": "ideal.nii.gz" if i == 0 else ""} for i, x in enumerate(r)],
+        [*f, "ideal"]))
+    studies = read_manifest(with_column)
+    assert studies[0].ideal == with_column.parent / "ideal.nii.gz"
+    assert all(s.ideal is None for s in studies[1:])  # blank: no reference for that study
 
 
 def test_missing_manifest_and_volume_are_named(site, tmp_path):

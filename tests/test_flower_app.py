@@ -51,19 +51,30 @@ def _tagged_processes() -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_simulate_runs_real_flower_simulations_and_reports_from_their_data(tmp_path):
+def test_simulate_runs_real_flower_simulations_and_reports_from_their_data(tmp_path, capfd):
     """experiment=tiny end to end: three Flower simulations (Ray), fine-tuning, local and
     pooled training, baselines, evaluation and the report."""
     run = tmp_path / "run"
     assert main(["simulate", "experiment=tiny", f"out_dir={run}",
-                 "logger.wandb_mode=disabled"]) == 0
+                 "logger.wandb_mode=offline"]) == 0
+    # Equal budgets: 2 rounds of 5 steps + 5 fine-tuning steps = 3 rounds for the federations.
     for federation in ("fedndif", "fedavg_unet", "fedavg_no_nstd"):
         checkpoints = sorted(p.name for p in
                              (run / "federated" / federation / "checkpoints").iterdir())
-        assert checkpoints == [f"global-round-000{r}.pt" for r in range(3)]
+        assert checkpoints == [f"global-round-000{r}.pt" for r in range(4)]
     rounds = [json.loads(x) for x in
               (run / "federated" / "fedndif" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    personalized = (run / "personalized" / "site_a" / "config.yaml").read_text()
+    assert "global-round-0002.pt" in personalized  # fine-tuned from the round before the last
+    # The console shows the experiment's progress; Flower's, Ray's and wandb's chatter is in
+    # the federations' log files.
+    console = "".join(capfd.readouterr())
+    assert "federation fedndif" in console
+    for chatter in ("configure_train", "wandb:", "FutureWarning", "Successfully installed"):
+        assert chatter not in console, chatter
+    assert "configure_train" in (run / "federated" / ".fedndif" / "logs" /
+                                 "flwr-run.log").read_text()
     assert all(r["sites"] == ["site_a", "site_b", "site_c"] for r in rounds)
     assert _tagged_processes() == [], "processes of the simulation outlived it"
 
@@ -71,8 +82,8 @@ def test_simulate_runs_real_flower_simulations_and_reports_from_their_data(tmp_p
     with (run / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     methods = {r["method"] for r in rows}
-    assert methods == {"input", "gaussian", "nlm", "local", "fedavg_unet", "fedavg_no_nstd",
-                       "fedndif_global", "fedndif_personalized", "pooled"}
+    assert methods == {"input", "noise_free", "gaussian", "nlm", "local", "fedavg_unet",
+                       "fedavg_no_nstd", "fedndif_global", "fedndif_personalized", "pooled"}
     assert {r["site"] for r in rows} == {"site_a", "site_b", "site_c"}
     report = (run / "report.md").read_text()
     for method in methods:
@@ -81,7 +92,9 @@ def test_simulate_runs_real_flower_simulations_and_reports_from_their_data(tmp_p
         label = labels.pop() if len(labels) == 1 else (
             f"{sorted(labels)[0].split(' (')[0]} (tuned per site)")
         line = next(x for x in report.splitlines() if x.startswith(f"| {label} |"))
-        assert line.split("|")[2].strip().startswith(f"{np.mean(mine):.2f}"), (method, line)
+        assert line.split("|")[3].strip().startswith(f"{np.mean(mine):.2f}"), (method, line)
+    for words in ("SUVpeak", "noise-free", "95 % CI", "≥ 10 mm", "< 10 mm", "| budget |"):
+        assert words in report, words
     for figure in ("metrics_vs_count_level", "training_curves", "lesion_site_a"):
         assert (run / "figures" / f"{figure}.png").stat().st_size > 5_000
     assert (run / "config.yaml").is_file()

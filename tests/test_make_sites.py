@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from fed_ndif.cli import main
-from fed_ndif.data.manifest import MANIFEST_COLUMNS
+from fed_ndif.data.manifest import MANIFEST_COLUMNS, OPTIONAL_COLUMNS
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.sites import make_sites
 from fed_ndif.data.volume import axial_affine
@@ -42,11 +42,11 @@ def test_writes_three_sites_with_manifests_masks_and_montage(tiny_sites):
     for site in ("site_a", "site_b", "site_c"):
         manifest = tiny_sites / site / "manifest.csv"
         rows = _rows(manifest)
-        assert tuple(rows[0]) == MANIFEST_COLUMNS
+        assert tuple(rows[0]) == (*MANIFEST_COLUMNS, *OPTIONAL_COLUMNS)
         splits = {}
         for row in rows:
             assert 0 < float(row["count_level"]) < 1
-            for column in ("low_count", "full_count", "liver_mask", "lesion_mask"):
+            for column in ("low_count", "full_count", "liver_mask", "lesion_mask", "ideal"):
                 assert (manifest.parent / row[column]).is_file(), row[column]
             splits.setdefault(row["subject"], set()).add(row["split"])
         # Split by subject: one split per subject; every split present.

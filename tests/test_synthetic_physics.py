@@ -1,4 +1,4 @@
-"""Evidence that the simulated sites behave like real PET data (issue 2)."""
+"""Evidence that the simulated sites behave like real PET data."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from scipy import ndimage
 
 from fed_ndif.data.phantom import Grid, LesionSite, Organ, make_phantom
-from fed_ndif.data.scanner import FWHM_PER_SIGMA, ScannerProfile, simulate_scans
+from fed_ndif.data.scanner import FWHM_PER_SIGMA, NOISE_FREE, ScannerProfile, simulate_scans
 
 LEVELS = [0.05, 0.1, 0.25, 0.5]
 
@@ -27,7 +27,8 @@ LEGACY = dataclasses.replace(DIGITAL, name="bgo_legacy", psf_fwhm_mm=6.5, axial_
 def _simulate(profile: ScannerProfile, seed: int = 0):
     rng = np.random.default_rng(seed)
     phantom = make_phantom(Grid(profile.shape, profile.spacing), rng)
-    return phantom, simulate_scans(phantom.activity, phantom.mu, profile, LEVELS, rng)
+    return phantom, simulate_scans(phantom.activity, phantom.mu, profile, LEVELS, rng,
+                                   noise_free=True)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,37 @@ def test_low_count_images_are_unbiased_in_large_regions(digital):
     # The full-count image is quantitatively right: liver SUV close to the phantom's.
     truth = phantom.activity[regions["liver"]].mean()
     assert abs(scans[1.0][regions["liver"]].mean() / truth - 1) < 0.05
+
+
+def test_the_noise_free_reconstruction_has_no_noise_and_no_bias(digital):
+    phantom, scans = digital
+    liver = _liver_core(phantom)
+    ideal = scans[NOISE_FREE]
+    # What is left in the liver is the phantom's own heterogeneity at the scanner's resolution
+    # (PSF and post-filter), not counting noise.
+    fwhm_xy = np.hypot(DIGITAL.psf_fwhm_mm, DIGITAL.postfilter_fwhm_mm)
+    fwhm_z = np.hypot(DIGITAL.axial_fwhm_mm, DIGITAL.postfilter_fwhm_mm)
+    blurred = ndimage.gaussian_filter(phantom.activity, [
+        f / FWHM_PER_SIGMA / s for f, s in zip((fwhm_z, fwhm_xy, fwhm_xy), DIGITAL.spacing,
+                                               strict=True)])
+    heterogeneity = _nstd(blurred, liver)
+    assert _nstd(ideal, liver) < 1.5 * heterogeneity + 0.01, (_nstd(ideal, liver), heterogeneity)
+    assert _nstd(ideal, liver) < 0.5 * _nstd(scans[1.0], liver)
+    regions = {"liver": liver, "body": ndimage.binary_erosion(phantom.organs > 0, iterations=2)}
+    for name, mask in regions.items():
+        assert abs(ideal[mask].mean() / scans[1.0][mask].mean() - 1) < 0.03, name
+
+
+def test_the_noise_free_reconstruction_changes_no_other_scan():
+    rng = np.random.default_rng(5)
+    phantom = make_phantom(Grid(DIGITAL.shape, DIGITAL.spacing), rng)
+    plain = simulate_scans(phantom.activity, phantom.mu, DIGITAL, [0.1],
+                           np.random.default_rng(7))
+    with_ideal = simulate_scans(phantom.activity, phantom.mu, DIGITAL, [0.1],
+                                np.random.default_rng(7), noise_free=True)
+    assert set(with_ideal) == {*plain, NOISE_FREE}
+    for key, volume in plain.items():
+        np.testing.assert_array_equal(volume, with_ideal[key])
 
 
 def test_organ_uptake_is_in_realistic_suv_ranges(digital):

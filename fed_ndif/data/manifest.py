@@ -1,6 +1,7 @@
 """Site manifests, the one home for their format: read, write and validate.
 
-A manifest is a CSV with one row per low-count study and columns :data:`MANIFEST_COLUMNS`;
+A manifest is a CSV with one row per low-count study and columns :data:`MANIFEST_COLUMNS`,
+plus the optional :data:`OPTIONAL_COLUMNS` (blank or absent when a site has no such file);
 paths are relative to the manifest; ``count_level`` is a fraction of full count; ``split`` is
 train / val / test, assigned by subject. It is also the format a hospital fills in for its own
 data, so a site's ClientApp needs this module and nothing of the simulator.
@@ -16,6 +17,9 @@ from fed_ndif.errors import FedNdifError
 
 MANIFEST_COLUMNS = ("subject", "count_level", "low_count", "full_count", "liver_mask",
                     "lesion_mask", "split")
+# ``ideal``: a noise-free reconstruction of the full-count scan (only simulated sites have one),
+# the reference that shows how close a denoiser comes to the physical best.
+OPTIONAL_COLUMNS = ("ideal",)
 MANIFEST_NAME = "manifest.csv"
 SPLITS = ("train", "val", "test")
 
@@ -31,6 +35,7 @@ class Study:
     liver_mask: Path
     lesion_mask: Path | None
     split: str
+    ideal: Path | None = None
 
 
 def read_manifest(path: str | Path) -> list[Study]:
@@ -62,7 +67,8 @@ def read_manifest(path: str | Path) -> list[Study]:
                 full_count=path.parent / row["full_count"],
                 liver_mask=path.parent / row["liver_mask"],
                 lesion_mask=path.parent / row["lesion_mask"] if row["lesion_mask"] else None,
-                split=row["split"]))
+                split=row["split"],
+                ideal=path.parent / row["ideal"] if row.get("ideal") else None))
     if not studies:
         raise FedNdifError(f"{path}: the manifest has no studies")
     splits_of: dict[str, set[str]] = {}
@@ -76,8 +82,10 @@ def read_manifest(path: str | Path) -> list[Study]:
 
 
 def write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
+    """Rows of column -> value; an optional column is written when any row has it."""
+    optional = [c for c in OPTIONAL_COLUMNS if any(row.get(c) for row in rows)]
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=[*MANIFEST_COLUMNS, *optional])
         writer.writeheader()
         writer.writerows(rows)
 

@@ -23,6 +23,8 @@ import scipy.sparse as sp
 from scipy import ndimage
 
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
+# Key of the noise-free reconstruction in simulate_scans' result.
+NOISE_FREE = "noise_free"
 
 
 @dataclass(frozen=True)
@@ -104,11 +106,14 @@ def _gaussian_sigma_vox(fwhm_zyx_mm: tuple[float, float, float],
 
 def simulate_scans(
     activity: np.ndarray, mu: np.ndarray, profile: ScannerProfile,
-    count_levels: list[float], rng: np.random.Generator,
-) -> dict[float, np.ndarray]:
+    count_levels: list[float], rng: np.random.Generator, *, noise_free: bool = False,
+) -> dict[float | str, np.ndarray]:
     """Reconstructed images (SUV, float32, z-y-x) of one subject at full count and each level.
 
-    ``1.0`` (full count) is always included in the result.
+    ``1.0`` (full count) is always included in the result. With ``noise_free``, also
+    ``NOISE_FREE``: the full-count scan's expected counts (no Poisson draw) through the same
+    OSEM and post-filter, what a perfect denoiser of this scanner could at best return. It
+    draws nothing from ``rng``, so the other scans are the same with or without it.
     """
     if activity.shape != profile.shape:
         raise ValueError(f"activity shape {activity.shape} does not match {profile.shape}")
@@ -133,20 +138,25 @@ def simulate_scans(
                   + 1e-3 * max(float(trues.mean()), 1e-6))
     full_counts = rng.poisson(trues + background)
     counts = [full_counts if c == 1.0 else rng.binomial(full_counts, c) for c in levels]
+    keys: list[float | str] = list(levels)
+    if noise_free:
+        counts.append(trues + background)
+        keys.append(NOISE_FREE)
 
-    # Reconstruct all levels together: columns = (level, slice).
-    level_scale = np.repeat(np.asarray(levels, np.float32), nz)
+    # Reconstruct all scans together: columns = (scan, slice). Columns are independent.
+    level_scale = np.repeat(np.asarray([1.0 if k == NOISE_FREE else k for k in keys],
+                                       np.float32), nz)
     data = np.concatenate(counts, axis=1).astype(np.float32)
-    weight = np.tile(profile.sensitivity * attenuation, (1, len(levels))).astype(np.float32)
+    weight = np.tile(profile.sensitivity * attenuation, (1, len(keys))).astype(np.float32)
     weight *= level_scale
-    bg = (np.tile(background, (1, len(levels))) * level_scale).astype(np.float32)
+    bg = (np.tile(background, (1, len(keys))) * level_scale).astype(np.float32)
     estimate = _osem(system, data=data, weight=weight, background=bg,
                      iterations=profile.osem_iterations)
 
     volumes = {}
     sigma = _gaussian_sigma_vox(
         (profile.postfilter_fwhm_mm,) * 3, profile.spacing) if profile.postfilter_fwhm_mm else None
-    for index, level in enumerate(levels):
+    for index, level in enumerate(keys):
         volume = np.zeros((nz, profile.matrix * profile.matrix), np.float32)
         volume[:, system.fov_index] = estimate[:, index * nz:(index + 1) * nz].T
         volume = volume.reshape(profile.shape)

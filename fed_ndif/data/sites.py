@@ -23,7 +23,7 @@ from fed_ndif.data.dicom import SyntheticPatient, write_pet_series
 from fed_ndif.data.manifest import MANIFEST_NAME, write_manifest
 from fed_ndif.data.nifti import save_nifti
 from fed_ndif.data.phantom import MIN_FOV_MM, Grid, Organ, make_phantom
-from fed_ndif.data.scanner import ScannerProfile, simulate_scans
+from fed_ndif.data.scanner import NOISE_FREE, ScannerProfile, simulate_scans
 from fed_ndif.data.volume import Volume, axial_affine
 from fed_ndif.errors import FedNdifError
 from fed_ndif.staging import staged_folder
@@ -112,7 +112,8 @@ def simulate_subject(site: SiteSpec, index: int, seed: int) -> dict[str, np.ndar
     """Phantom and scans of one subject (deterministic for seed, site and index)."""
     rng = _subject_rng(seed, site.name, index)
     phantom = make_phantom(Grid(site.scanner.shape, site.scanner.spacing), rng)
-    scans = simulate_scans(phantom.activity, phantom.mu, site.scanner, list(site.count_levels), rng)
+    scans = simulate_scans(phantom.activity, phantom.mu, site.scanner, list(site.count_levels), rng,
+                           noise_free=True)
     return {"phantom": phantom, "scans": scans}
 
 
@@ -165,6 +166,7 @@ def _write_subject(site: SiteSpec, index: int, split: str, seed: int,
     subject_dir = site_dir / subject
     subject_dir.mkdir()
     save_nifti(scans[1.0], subject_dir / "full_count.nii.gz", affine=affine)
+    save_nifti(scans[NOISE_FREE], subject_dir / "noise_free.nii.gz", affine=affine)
     # The liver VOI excludes liver lesions: NSTD must measure noise, not lesion uptake.
     save_nifti((phantom.organs == Organ.LIVER) & (phantom.lesions == 0),
                subject_dir / "liver_mask.nii.gz", affine=affine, dtype=np.uint8)
@@ -181,7 +183,8 @@ def _write_subject(site: SiteSpec, index: int, split: str, seed: int,
         rows.append({"subject": subject, "count_level": f"{level:g}",
                      "low_count": f"{subject}/{name}", "full_count": f"{subject}/full_count.nii.gz",
                      "liver_mask": f"{subject}/liver_mask.nii.gz",
-                     "lesion_mask": f"{subject}/lesion_mask.nii.gz", "split": split})
+                     "lesion_mask": f"{subject}/lesion_mask.nii.gz", "split": split,
+                     "ideal": f"{subject}/noise_free.nii.gz"})
     if write_dicom:
         _write_dicom_series(site, index, seed, subject_dir, scans, affine)
     return rows

@@ -1,8 +1,8 @@
 """Evaluate denoising methods on a site's held-out test studies: one row per study and method.
 
-A method is a callable ``(low-count SUV volume, liver NSTD, spacing) -> SUV volume``; the
-low-count input, the tuned filters and every trained checkpoint are wrapped the same way, so
-each is scored on exactly the same studies with exactly the same metrics.
+A method is a callable ``TestStudy -> SUV volume``; the low-count input, the noise-free
+reference, the tuned filters and every trained checkpoint are wrapped the same way, so each is
+scored on exactly the same studies with exactly the same metrics.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.nstd import liver_nstd
 from fed_ndif.errors import FedNdifError
 from fed_ndif.evaluation.filters import TunedFilter, tune_filter
-from fed_ndif.evaluation.lesions import lesion_metrics, summarize_lesions
+from fed_ndif.evaluation.lesions import LesionSet, lesion_metrics, summarize_lesions, summary_keys
 from fed_ndif.evaluation.report import write_report
 from fed_ndif.image_metrics import volume_metrics
 from fed_ndif.models.denoise_volume import denoise_volume
@@ -31,40 +31,7 @@ log = logging.getLogger(__name__)
 
 INPUT_LABEL = "Low-count input"
 
-Denoiser = Callable[[np.ndarray, float, Sequence[float]], np.ndarray]
-
-
-@dataclass(frozen=True)
-class Method:
-    name: str  # machine name, e.g. fedndif_personalized
-    label: str  # what the report calls it
-    denoise: Denoiser
-
-
-def identity(low: np.ndarray, nstd: float, spacing: Sequence[float]) -> np.ndarray:
-    return low
-
-
-def filter_method(tuned: TunedFilter, label: str) -> Method:
-    return Method(tuned.name, f"{label} ({tuned.parameter}={tuned.value:g})",
-                  lambda low, nstd, spacing: tuned.apply(low, spacing))
-
-
-def checkpoint_method(name: str, label: str, checkpoint: Path, *, device: str = "cpu",
-                      seed: int = 0, steps: int | None = None) -> Method:
-    """A trained model (diffusion: its own sampler settings; U-Net: one pass), EMA weights."""
-    state = load_checkpoint(checkpoint, device=device)
-    overrides = {"steps": steps} if steps else {}
-    sampler = sampler_config(state.cfg, **overrides) if state.process is not None else None
-
-    def run(low: np.ndarray, nstd: float, spacing: Sequence[float]) -> np.ndarray:
-        mean, _ = denoise_volume(state.ema.model, low, nstd=nstd,
-                                 normalization=state.normalization, k=state.k,
-                                 process=state.process, sampler=sampler, device=device,
-                                 seed=seed, progress=False)
-        return mean
-
-    return Method(name, label, run)
+NOISE_FREE_LABEL = "Noise-free reconstruction (reference)"
 
 
 @dataclass
@@ -77,10 +44,52 @@ class TestStudy:
     liver: np.ndarray
     lesions: np.ndarray | None
     spacing: tuple[float, float, float]
+    ideal: np.ndarray | None = None  # noise-free reconstruction, where the site has one
 
     @property
     def nstd(self) -> float:
         return liver_nstd(self.low, self.liver)
+
+
+Denoiser = Callable[[TestStudy], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str  # machine name, e.g. fedndif_personalized
+    label: str  # what the report calls it
+    denoise: Denoiser
+
+
+def input_method() -> Method:
+    return Method("input", INPUT_LABEL, lambda study: study.low)
+
+
+def noise_free_method() -> Method:
+    """The physical best a denoiser of this scanner could return, scored like any method."""
+    return Method("noise_free", NOISE_FREE_LABEL, lambda study: study.ideal)
+
+
+def filter_method(tuned: TunedFilter, label: str) -> Method:
+    return Method(tuned.name, f"{label} ({tuned.parameter}={tuned.value:g})",
+                  lambda study: tuned.apply(study.low, study.spacing))
+
+
+def checkpoint_method(name: str, label: str, checkpoint: Path, *, device: str = "cpu",
+                      seed: int = 0, steps: int | None = None) -> Method:
+    """A trained model (diffusion: its own sampler settings; U-Net: one pass), EMA weights."""
+    state = load_checkpoint(checkpoint, device=device)
+    overrides = {"steps": steps} if steps else {}
+    sampler = sampler_config(state.cfg, **overrides) if state.process is not None else None
+
+    def run(study: TestStudy) -> np.ndarray:
+        mean, _ = denoise_volume(state.ema.model, study.low, nstd=study.nstd,
+                                 normalization=state.normalization, k=state.k,
+                                 process=state.process, sampler=sampler, device=device,
+                                 seed=seed, progress=False)
+        return mean
+
+    return Method(name, label, run)
 
 
 def load_studies(manifest: Path, split: str, *, count_levels: Sequence[float] | None = None,
@@ -99,7 +108,8 @@ def load_studies(manifest: Path, split: str, *, count_levels: Sequence[float] | 
             liver=load_nifti(study.liver_mask).array > 0,
             lesions=(load_nifti(study.lesion_mask).array.astype(np.int32)
                      if study.lesion_mask else None),
-            spacing=low.spacing))
+            spacing=low.spacing,
+            ideal=load_nifti(study.ideal).array if study.ideal else None))
     return loaded
 
 
@@ -110,29 +120,32 @@ def tuned_filters(manifest: Path) -> list[Method]:
             filter_method(tune_filter("nlm", val), "Non-local means")]
 
 
-MIN_LESION_VOXELS = 8
-
-
 def score_methods(site: str, studies: list[TestStudy], methods: list[Method], *,
-                     keep_outputs: Callable[[TestStudy], bool] | None = None
-                     ) -> tuple[list[dict], dict]:
+                  keep_outputs: Callable[[TestStudy], bool] | None = None
+                  ) -> tuple[list[dict], dict]:
     """Rows of metrics (site, subject, level, method) and, for studies ``keep_outputs`` selects,
-    the output volumes by (subject, level, method) for figures."""
+    the output volumes by (subject, level, method) for figures. A method that needs what a
+    study lacks (the noise-free reference of real data) is skipped for it."""
     rows, outputs = [], {}
     for study in studies:
         reference_nstd = liver_nstd(study.full, study.liver)
+        lesion_set = reference = ideal = None
+        if study.lesions is not None:
+            lesion_set = LesionSet(study.lesions, study.spacing, study.full)
+            reference = lesion_set.uptake(study.full)
+            ideal = lesion_set.uptake(study.ideal) if study.ideal is not None else None
         for method in methods:
-            out = method.denoise(study.low, study.nstd, study.spacing)
+            out = method.denoise(study)
+            if out is None:
+                continue
             row = {"site": site, "subject": study.study.subject,
                    "count_level": study.study.count_level, "method": method.name,
                    "label": method.label, **volume_metrics(out, study.full),
                    "liver_nstd": liver_nstd(out, study.liver),
                    "full_count_liver_nstd": reference_nstd}
-            if study.lesions is not None:
-                sizes = np.bincount(study.lesions.ravel())
-                big = np.where(np.isin(study.lesions, np.flatnonzero(
-                    sizes >= MIN_LESION_VOXELS)[1:]), study.lesions, 0)
-                row.update(summarize_lesions(lesion_metrics(out, study.full, big)))
+            if lesion_set is not None:
+                row.update(summarize_lesions(lesion_metrics(
+                    lesion_set, lesion_set.uptake(out), reference, ideal)))
             rows.append(row)
             if keep_outputs is not None and keep_outputs(study):
                 outputs[(study.study.subject, study.study.count_level, method.name)] = out
@@ -141,9 +154,9 @@ def score_methods(site: str, studies: list[TestStudy], methods: list[Method], *,
     return rows, outputs
 
 
+TEXT_FIELDS = ("site", "subject", "method", "label")
 FIELDS = ("site", "subject", "count_level", "method", "label", "psnr", "ssim", "nmse",
-          "liver_nstd", "full_count_liver_nstd", "suvmax_bias_pct", "abs_suvmax_bias_pct",
-          "suvmean_bias_pct", "abs_suvmean_bias_pct", "contrast_recovery", "cnr", "lesions")
+          "liver_nstd", "full_count_liver_nstd", *summary_keys())
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
@@ -158,7 +171,7 @@ def read_rows(path: Path) -> list[dict]:
         rows = list(csv.DictReader(handle))
     for row in rows:
         for key in FIELDS:
-            if key not in ("site", "subject", "method", "label"):
+            if key not in TEXT_FIELDS:
                 # A metric that does not apply (no lesion large enough) is written empty.
                 row[key] = float(row[key]) if row.get(key) not in (None, "") else math.nan
     return rows
@@ -178,7 +191,9 @@ def evaluate_site(manifest: Path, out_dir: Path, *, models: dict[str, Path],
     studies = load_studies(manifest, split)
     if not studies:
         raise FedNdifError(f"{manifest}: no studies in split {split}")
-    methods = [Method("input", INPUT_LABEL, identity)]
+    methods = [input_method()]
+    if any(s.ideal is not None for s in studies):
+        methods.append(noise_free_method())
     if filters:
         methods += tuned_filters(manifest)
     methods += [checkpoint_method(name, name, Path(path), device=device)

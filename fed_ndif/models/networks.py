@@ -176,17 +176,19 @@ class UNet25D(nn.Module):
         self.residual = residual
         self.in_channels = 2 * k + 1 + int(nstd_input)
         self.multiple = int(math.prod(net.strides))
-        self.unet = UNet(spatial_dims=2, in_channels=self.in_channels, out_channels=1,
-                         channels=tuple(net.channels), strides=tuple(net.strides),
-                         num_res_units=net.num_res_units)
-        # Residual: a zero-initialised 1x1 gain makes the network start as the identity on the
-        # centre slice (as MONAI's diffusion U-Net does with its zeroed output conv); a random
-        # initial correction cost most of a short CPU run to unlearn. (MONAI UNet's last block
-        # has an identity skip, so zeroing its last conv would not do it.)
-        self.gain = nn.Conv2d(1, 1, kernel_size=1) if residual else None
-        if self.gain is not None:
-            nn.init.zeros_(self.gain.weight)
-            nn.init.zeros_(self.gain.bias)
+        # MONAI's UNet normalizes (instance norm) and activates its top up-sampling layer even
+        # when that layer has one output channel, which squeezes a 1-channel output through a
+        # per-slice unit-variance bottleneck. So the UNet returns channels[0] feature maps and a
+        # 1x1 head maps them to the image. Residual: the head starts at zero, so the network
+        # starts as the identity on the centre slice (as MONAI's diffusion U-Net does with its
+        # zeroed output conv) and its gradient reaches every layer from the first step.
+        self.unet = UNet(spatial_dims=2, in_channels=self.in_channels,
+                         out_channels=net.channels[0], channels=tuple(net.channels),
+                         strides=tuple(net.strides), num_res_units=net.num_res_units)
+        self.head = nn.Conv2d(net.channels[0], 1, kernel_size=1)
+        if residual:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, low: torch.Tensor, nstd: torch.Tensor | None = None) -> torch.Tensor:
         if low.shape[1] != 2 * self.k + 1:
@@ -199,10 +201,8 @@ class UNet25D(nn.Module):
             u = log_nstd(nstd.reshape(-1).to(low.device)).expand(low.shape[0]).to(low.dtype)
             x = torch.cat([low, u[:, None, None, None].expand_as(low[:, :1])], dim=1)
         x, size = _pad_to_multiple(x, self.multiple)
-        out = _crop(self.unet(x), size)
-        if self.gain is None:
-            return out
-        return self.gain(out) + low[:, self.k:self.k + 1]
+        out = self.head(_crop(self.unet(x), size))
+        return out + low[:, self.k:self.k + 1] if self.residual else out
 
 
 def build_model(model_cfg, *, prediction_type: str = "sample") -> nn.Module:

@@ -34,6 +34,7 @@ from fed_ndif.runtime.processes import (
     write_connection,
 )
 from fed_ndif.runtime.superlink import ServerCerts, flwr_run, superlink
+from fed_ndif.server.federation import rounds_recorded
 
 log = logging.getLogger(__name__)
 
@@ -160,19 +161,9 @@ def run_coordinator(run_dir: Path, overrides: Sequence[str] = (), *, certs_dir: 
     except KeyboardInterrupt as exc:
         raise FedNdifError(f"stopped ({exc or 'interrupted'}); the checkpoints in {run_dir} are "
                            "kept: continue with --resume") from None
-    done = _last_round(run_dir)
+    done = rounds_recorded(run_dir)
     if done < int(fed["fl"]["rounds"]):
         # `flwr run` exits 0 even when the ServerApp crashed: check the run's own record.
         raise FedNdifError(f"the run stopped after round {done} of {fed['fl']['rounds']}; see "
                            f"{run_dir / 'logs'}; continue with --resume")
     return run_dir
-
-
-def _last_round(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    rounds = [0]
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError):
-                rounds.append(int(json.loads(line)["round"]))
-    return max(rounds)

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,8 +151,9 @@ def write_connection(flwr_home: Path, address: str, *, root_certificates: Path |
 
 
 def stream_process(command: list[str], env: dict[str, str], log_file: Path, *,
-                   echo: bool = True) -> int:
-    """Run ``command`` in its own session, copying its output to ``log_file`` (and stderr)."""
+                   echo: bool = True, on_line: Callable[[bytes], None] | None = None) -> int:
+    """Run ``command`` in its own session, copying its output to ``log_file`` (and stderr with
+    ``echo``); ``on_line`` sees every line as it comes (to follow progress)."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("ab") as out:
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
@@ -165,6 +166,8 @@ def stream_process(command: list[str], env: dict[str, str], log_file: Path, *,
                 if echo:
                     sys.stderr.buffer.write(line)
                     sys.stderr.flush()
+                if on_line is not None:
+                    on_line(line)
             process.wait()
         finally:
             stop_process(process)

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+from tqdm import tqdm
 
 from fed_ndif.run_config import pyproject_app_config
 from fed_ndif.runtime.processes import flower_env, write_connection
 from fed_ndif.runtime.superlink import flwr_run, superlink
+from fed_ndif.server.federation import rounds_recorded
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +27,12 @@ CONNECTION = "simulation"
 
 
 def run_flower_simulation(fed: dict[str, Any], *, n_sites: int, cpus_per_site: float,
-                          gpus_per_site: float, work_dir: Path) -> None:
-    """``flwr run`` the fed-ndif app over ``n_sites`` virtual nodes with run config ``fed``."""
+                          gpus_per_site: float, work_dir: Path, name: str = "federation") -> None:
+    """``flwr run`` the fed-ndif app over ``n_sites`` virtual nodes with run config ``fed``.
+
+    Flower's, Ray's and wandb's own output goes to the log file only; the console shows a
+    progress bar over the federated rounds, read from the run's metrics as they are written.
+    """
     flwr_home = work_dir / ".flwr"
     flwr_home.mkdir(parents=True, exist_ok=True)
     logs = work_dir / "logs"
@@ -40,5 +46,12 @@ def run_flower_simulation(fed: dict[str, Any], *, n_sites: int, cpus_per_site: f
         env = flower_env(flwr_home, OMP_NUM_THREADS=os.environ.get(
             "OMP_NUM_THREADS", str(max(1, int(cpus_per_site)))))
         log.info("running %d simulated sites with Flower (logs in %s)", n_sites, logs)
-        flwr_run(CONNECTION, run_config, env, logs / "flwr-run.log",
-                 "--federation-config", federation)
+        run_dir = Path(fed["run_dir"])
+        total = int(fed["fl"]["rounds"])
+        with tqdm(total=total, initial=rounds_recorded(run_dir), desc=name, unit="round") as bar:
+            def follow(_line: bytes) -> None:
+                bar.update(rounds_recorded(run_dir) - bar.n)
+
+            flwr_run(CONNECTION, run_config, env, logs / "flwr-run.log",
+                     "--federation-config", federation, echo=False, on_line=follow)
+            follow(b"")

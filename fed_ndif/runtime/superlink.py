@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,9 +102,12 @@ def superlink(*, flwr_home: Path, log_file: Path, tls: ServerCerts | None = None
 
 
 def flwr_run(connection: str, run_config: Path, env: dict[str, str], log_file: Path,
-             *extra: str) -> None:
-    """``flwr run`` this app on ``connection`` with a run-config file, output to ``log_file``."""
+             *extra: str, echo: bool = True,
+             on_line: Callable[[bytes], None] | None = None) -> None:
+    """``flwr run`` this app on ``connection`` with a run-config file, output to ``log_file``
+    (and to stderr with ``echo``); ``on_line`` sees every line as it comes."""
     code = stream_process([flower_command("flwr"), "run", str(project_root()), connection,
-                           "--stream", "--run-config", str(run_config), *extra], env, log_file)
+                           "--stream", "--run-config", str(run_config), *extra], env, log_file,
+                          echo=echo, on_line=on_line)
     if code != 0:
         raise FedNdifError(f"the Flower run failed (exit {code}); see {log_file}")

@@ -195,6 +195,20 @@ class CheckedFedAvg(FedAvg):
         return MetricRecord(metrics)
 
 
+ROUND_RECORD = "metrics.jsonl"  # one JSON line per finished round, in the run folder
+
+
+def rounds_recorded(run_dir: Path) -> int:
+    """The last round the federation has recorded in ``run_dir`` (0 if none)."""
+    path = Path(run_dir) / ROUND_RECORD
+    rounds = [0]
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError, ValueError):
+                rounds.append(int(json.loads(line)["round"]))
+    return max(rounds)
+
+
 def _tracker(cfg: dict[str, Any], run_dir: Path):
     mode = str(cfg.get("logger", {}).get("wandb_mode", "offline"))
     if mode == "disabled":
@@ -280,7 +294,7 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
                              for site, m in checked.last_train.metrics.items()},
                 "update_bytes": int(sent.count_bytes()),
             }
-            with (run_dir / "metrics.jsonl").open("a") as handle:
+            with (run_dir / ROUND_RECORD).open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             log.info("round %d/%d done in %.1f s: sites %s, %s", server_round, fl["rounds"],
                      record["seconds"], record["sites"], ", ".join(

@@ -1,0 +1,72 @@
+"""Paired differences and their bootstrap CI: over subjects, stratified by site."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fed_ndif.evaluation.statistics import paired_difference
+
+
+def _rows(differences_by_subject, *, levels=(0.1,), site="a", base=40.0):
+    rows = []
+    for i, diff in enumerate(differences_by_subject):
+        for level in levels:
+            rows.append({"site": site, "subject": f"s{i}", "count_level": level,
+                         "method": "ref", "psnr": base})
+            rows.append({"site": site, "subject": f"s{i}", "count_level": level,
+                         "method": "new", "psnr": base + diff})
+    return rows
+
+
+def test_a_clear_gain_is_better_and_its_ci_holds_the_mean():
+    d = paired_difference(_rows([1.0, 1.2, 0.9, 1.1, 1.0]), "new", "ref", "psnr",
+                          higher_is_better=True)
+    assert d.verdict == "better" and d.subjects == 5
+    assert 0 < d.low <= d.mean <= d.high
+    assert d.mean == pytest.approx(1.04)
+
+
+def test_lower_is_better_metrics_read_the_other_way():
+    d = paired_difference(_rows([1.0, 1.2, 0.9, 1.1]), "new", "ref", "psnr",
+                          higher_is_better=False)
+    assert d.verdict == "worse"
+
+
+def test_noise_around_zero_is_no_difference():
+    rng = np.random.default_rng(3)
+    d = paired_difference(_rows(list(rng.normal(0, 1, 8))), "new", "ref", "psnr",
+                          higher_is_better=True)
+    assert d.verdict == "no difference" and d.low < 0 < d.high
+
+
+def test_more_count_levels_per_subject_do_not_narrow_the_interval():
+    diffs = [0.5, -0.2, 0.9, 0.1, 0.4]
+    one = paired_difference(_rows(diffs), "new", "ref", "psnr", higher_is_better=True)
+    five = paired_difference(_rows(diffs, levels=(0.01, 0.02, 0.05, 0.1, 0.25)), "new", "ref",
+                             "psnr", higher_is_better=True)
+    assert (five.low, five.high) == pytest.approx((one.low, one.high))
+    assert five.subjects == one.subjects == 5
+
+
+def test_resampling_is_within_sites():
+    # Site b's subjects differ by +10, site a's by 0: every resample keeps both sites' shares,
+    # so the interval stays tight around the pooled mean instead of spanning 0..10.
+    rows = _rows([0.0, 0.0, 0.0], site="a") + _rows([10.0, 10.0, 10.0], site="b")
+    d = paired_difference(rows, "new", "ref", "psnr", higher_is_better=True)
+    assert d.mean == pytest.approx(5.0) and (d.low, d.high) == pytest.approx((5.0, 5.0))
+
+
+def test_a_site_with_one_subject_does_not_shrink_the_interval_to_nothing():
+    # One subject per site: stratifying would resample each site's only subject, every time.
+    rows = (_rows([0.5], site="a") + _rows([-0.3], site="b") + _rows([0.9], site="c")
+            + _rows([0.1], site="d"))
+    d = paired_difference(rows, "new", "ref", "psnr", higher_is_better=True)
+    assert d.high - d.low > 0.3 and d.verdict == "no difference"
+
+
+def test_too_few_subjects_have_no_interval_and_missing_methods_none_at_all():
+    assert paired_difference(_rows([1.0, 1.1]), "new", "ref", "psnr",
+                             higher_is_better=True).verdict == "n/a"
+    assert paired_difference(_rows([1.0]), "other", "ref", "psnr",
+                             higher_is_better=True).subjects == 0
