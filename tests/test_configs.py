@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 from fed_ndif.checkpoints import build_state, sampler_config
 from fed_ndif.config import load_config
 from fed_ndif.data.sites import parse_sites
-from fed_ndif.experiment import LABELS
+from fed_ndif.errors import FedNdifError
+from fed_ndif.experiment import LABELS, Budget
 from fed_ndif.run_config import federated_config, from_run_config, to_run_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -34,6 +35,11 @@ def test_experiment_composes_into_a_runnable_simulation(experiment, tmp_path):
     assert from_run_config(to_run_config(fed)) == fed
     sampler = sampler_config(fed)
     assert sampler.steps >= 1 and sampler.samples >= 1
+    budget = Budget(sites=len(specs), rounds=int(cfg.fl.rounds),
+                    local_steps=int(cfg.fl.local_steps),
+                    finetune_steps=int(cfg.compare.finetune_steps),
+                    batch=int(cfg.train.batch_size))  # every learned method can get it
+    assert budget.federated_rounds * budget.local_steps == budget.per_site
     state = build_state({**fed, "train": {**fed["train"], "device": "cpu"}})
     assert state.kind == fed["model"]["kind"]
     assert sum(p.numel() for p in state.model.parameters()) > 0
@@ -43,3 +49,8 @@ def test_experiment_composes_into_a_runnable_simulation(experiment, tmp_path):
 def test_top_level_configs_compose(name):
     cfg = load_config(name, [])
     assert OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_a_budget_that_cannot_be_shared_equally_is_refused():
+    with pytest.raises(FedNdifError, match=r"multiple of fl\.local_steps"):
+        Budget(sites=3, rounds=3, local_steps=40, finetune_steps=50, batch=8)

@@ -3,10 +3,12 @@
 The unit of resampling is the test subject: a subject's studies (its count levels) and all its
 slices are correlated, so resampling slices or studies would make intervals far too narrow. The
 bootstrap is stratified by site (each resample draws, within every site, as many subjects as
-the site has) when every site has at least two subjects; a site with one subject would add no
-spread at all, so then subjects are resampled over all sites. It is seeded, so a report is
-reproducible. Fewer than :data:`MIN_SUBJECTS` subjects give no interval and no verdict.
-Written by hand: scipy.stats.bootstrap resamples observations, not clusters of observations.
+the site has) when every site has at least :data:`MIN_PER_SITE` subjects; a site with one or
+two subjects would add little or no spread, so then subjects are resampled over all sites. It
+is seeded, so a report is reproducible. Fewer than :data:`MIN_SUBJECTS` subjects give no
+interval and no verdict. With few subjects a percentile bootstrap runs narrow: read an interval
+of 6 subjects as a direction. Written by hand: scipy.stats.bootstrap resamples observations,
+not clusters of observations.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ CONFIDENCE = 0.95
 RESAMPLES = 2000
 SEED = 0
 MIN_SUBJECTS = 3
+MIN_PER_SITE = 3
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ def bootstrap_ci(differences: dict[tuple[str, str], float], *, resamples: int = 
     by_site: dict[str, list[float]] = defaultdict(list)
     for (site, _), value in sorted(differences.items()):
         by_site[site].append(value)
-    if min(len(v) for v in by_site.values()) < 2:
+    if min(len(v) for v in by_site.values()) < MIN_PER_SITE:
         by_site = {"all": [v for _, v in sorted(differences.items())]}
     rng = np.random.default_rng(seed)
     total = sum(len(v) for v in by_site.values())
