@@ -78,6 +78,12 @@ class TrainingState:
     def kind(self) -> str:
         return str(self.cfg["model"]["kind"])
 
+    @property
+    def window(self) -> int | None:
+        """The patch size the network trained on (None: whole slices); inference matches it."""
+        patch = self.cfg["data"].get("patch_size")
+        return int(patch) if patch else None
+
 
 def plain_config(cfg: DictConfig | dict) -> dict[str, Any]:
     """A deep, plain-data copy (what checkpoints can hold under ``weights_only=True``)."""

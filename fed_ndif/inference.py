@@ -331,7 +331,8 @@ def denoise_study(
         mean, std = denoise_volume(
             state.ema.model, volume.array, nstd=nstd, normalization=state.normalization,
             k=state.k, process=state.process, sampler=sampler, batch_size=batch_size,
-            device=str(dev), dtype=PRECISIONS[precision], seed=seed, progress=progress)
+            device=str(dev), window=state.window, dtype=PRECISIONS[precision], seed=seed,
+            progress=progress)
         sampling_seconds = time.perf_counter() - sampling_start
         denoised = Volume(mean, volume.affine)
         spread = Volume(std, volume.affine) if uncertainty and std is not None else None

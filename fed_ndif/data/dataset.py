@@ -26,6 +26,9 @@ from fed_ndif.errors import FedNdifError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+# Without a lesion mask, the hottest voxels of the full-count image stand in for "foreground"
+# when patches are oversampled (lesions, and physiological uptake of the same intensity).
+HOT_QUANTILE = 0.999
 
 
 def stack_indices(z: int, *, k: int, depth: int) -> np.ndarray:
@@ -42,13 +45,24 @@ class NormalizedStudy:
     full: np.ndarray  # normalized (z, y, x)
     nstd: float
     affine: np.ndarray
+    foreground: np.ndarray  # (n, 3) int32 (z, y, x): lesion voxels, else the hottest voxels
+
+
+def _foreground(study: Study, full: np.ndarray) -> np.ndarray:
+    if study.lesion_mask is not None:
+        lesions = load_nifti(study.lesion_mask).array
+        if lesions.shape == full.shape and lesions.max() > 0:
+            return np.argwhere(lesions > 0).astype(np.int32)
+    return np.argwhere(full >= np.quantile(full, HOT_QUANTILE)).astype(np.int32)
 
 
 class SliceStackDataset(Dataset):
     """Items: ``{"low": (2k+1, H, W), "nstd": (), "full": (1, H, W)}``, float32 tensors.
 
-    One item per axial slice of every study in the chosen split(s). All studies must share one
-    in-plane matrix (training is per site; the networks themselves are size-agnostic).
+    One item per axial slice of every study in the chosen split(s): ``dataset[j]`` is slice
+    ``j`` whole, ``dataset[(j, y0, x0, size)]`` its ``size`` x ``size`` patch at (y0, x0)
+    (what patch training asks for). All studies must share one in-plane matrix (training is
+    per site; the networks themselves are size-agnostic).
     """
 
     def __init__(self, manifest: str | Path, *, split: str | tuple[str, ...] = "train", k: int,
@@ -84,22 +98,36 @@ class SliceStackDataset(Dataset):
                 raise FedNdifError(f"{study.liver_mask}: {exc}") from None
             self.studies.append(NormalizedStudy(
                 study=study, low=normalization.forward(low_volume.array), full=full, nstd=nstd,
-                affine=low_volume.affine))
+                affine=low_volume.affine, foreground=_foreground(study, full)))
         shapes = {s.low.shape[1:] for s in self.studies}
         if len(shapes) > 1:
             raise FedNdifError(f"{self.manifest}: studies have different in-plane matrices "
                                f"{sorted(shapes)}; one site's dataset needs one matrix")
         self.index = [(i, z) for i, s in enumerate(self.studies) for z in range(s.low.shape[0])]
+        self._first = np.cumsum([0] + [s.low.shape[0] for s in self.studies])[:-1].tolist()
         log.info("%s: %d studies, %d slices (split %s, k=%d)", self.manifest.name,
                  len(self.studies), len(self.index), "/".join(splits), k)
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        return tuple(self.studies[0].low.shape[1:])  # type: ignore[return-value]
+
+    def slice_of(self, study: int, z: int) -> int:
+        """The item index of slice ``z`` of study ``study``."""
+        return self._first[study] + z
+
+    def __getitem__(self, item: int | tuple[int, int, int, int]) -> dict[str, torch.Tensor]:
+        if isinstance(item, tuple):
+            item, y0, x0, size = item
+            window = (slice(None), slice(y0, y0 + size), slice(x0, x0 + size))
+        else:
+            window = (slice(None), slice(None), slice(None))
         i, z = self.index[item]
         s = self.studies[i]
         idx = stack_indices(z, k=self.k, depth=s.low.shape[0])
-        return {"low": torch.from_numpy(np.ascontiguousarray(s.low[idx])),
+        return {"low": torch.from_numpy(np.ascontiguousarray(s.low[idx][window])),
                 "nstd": torch.tensor(s.nstd, dtype=torch.float32),
-                "full": torch.from_numpy(np.ascontiguousarray(s.full[z:z + 1]))}
+                "full": torch.from_numpy(np.ascontiguousarray(s.full[z:z + 1][window]))}

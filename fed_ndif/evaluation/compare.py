@@ -86,7 +86,7 @@ def checkpoint_method(name: str, label: str, checkpoint: Path, *, device: str = 
         mean, _ = denoise_volume(state.ema.model, study.low, nstd=study.nstd,
                                  normalization=state.normalization, k=state.k,
                                  process=state.process, sampler=sampler, device=device,
-                                 seed=seed, progress=False)
+                                 window=state.window, seed=seed, progress=False)
         return mean
 
     return Method(name, label, run)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from fed_ndif.errors import FedNdifError
 from fed_ndif.models.diffusion import DiffusionProcess
 from fed_ndif.models.sampling import SamplerConfig, sample
+from fed_ndif.models.windowed import SlidingWindow
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -59,14 +60,16 @@ def denoise_volume(
     model: nn.Module, low_suv: np.ndarray, *, nstd: float, normalization: NormalizationLike,
     k: int, process: DiffusionProcess | None = None, sampler: SamplerConfig | None = None,
     warm_model: nn.Module | None = None, batch_size: int | None = None,
-    device: str | None = "auto",
+    device: str | None = "auto", window: int | None = None,
     dtype: str = "float32", seed: int = 0, progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Denoise a (z, y, x) SUV volume; returns (mean SUV, per-voxel std SUV or None).
 
     ``process`` None: ``model`` is the deterministic U-Net (no std). Otherwise ``model`` is the
     diffusion network, sampled with ``sampler``; ``warm_model`` (a U-Net) supplies the initial
-    image when ``sampler.warm_start == "unet"``. ``dtype='bfloat16'`` is meant for CUDA.
+    image when ``sampler.warm_start == "unet"``. ``window``: the patch size a patch-trained
+    network learnt on; slices larger than it go through in blended windows of that size.
+    ``dtype='bfloat16'`` is meant for CUDA.
     """
     if low_suv.ndim != 3:
         raise FedNdifError(f"expected a (z, y, x) volume, got shape {low_suv.shape}")
@@ -82,8 +85,9 @@ def denoise_volume(
     model = model.to(dev, memory_format=memory_format).eval()
     if warm_model is not None:
         warm_model = warm_model.to(dev, memory_format=memory_format).eval()
+    network = SlidingWindow(model, patch=window) if window else model
     try:
-        return _denoise_batches(model, low, depth=depth, k=k, nstd=nstd, dev=dev, dtype=dtype,
+        return _denoise_batches(network, low, depth=depth, k=k, nstd=nstd, dev=dev, dtype=dtype,
                                 normalization=normalization, process=process, sampler=sampler,
                                 warm_model=warm_model,
                                 batch_size=batch_size or default_batch_size(dev),

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import DataLoader, Sampler, default_collate
+from torch.utils.data import DataLoader, default_collate
 
 from fed_ndif.checkpoints import (
     LAST_CHECKPOINT,
@@ -42,36 +42,9 @@ from fed_ndif.errors import FedNdifError
 from fed_ndif.image_metrics import volume_metrics
 from fed_ndif.models.denoise_volume import denoise_volume
 from fed_ndif.models.sampling import SamplerConfig
+from fed_ndif.training.batches import SEED_STRIDE, batch_sampler
 
 log = logging.getLogger(__name__)
-
-SEED_STRIDE = 1_000_003
-
-
-class StepBatchSampler(Sampler[list[int]]):
-    """Endless batches whose content depends only on (seed, step): a fresh permutation per epoch."""
-
-    def __init__(self, n: int, *, batch_size: int, seed: int, start_step: int = 0) -> None:
-        self.n, self.batch_size, self.seed, self.start_step = n, batch_size, seed, start_step
-        self._perms: dict[int, torch.Tensor] = {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            self._perms = {epoch: torch.randperm(
-                self.n, generator=torch.Generator().manual_seed(self.seed * SEED_STRIDE + epoch))}
-        return self._perms[epoch]
-
-    def batch(self, step: int) -> list[int]:
-        first = step * self.batch_size
-        return [int(self._perm(j // self.n)[j % self.n])
-                for j in range(first, first + self.batch_size)]
-
-    def __iter__(self) -> Iterator[list[int]]:
-        step = self.start_step
-        while True:
-            yield self.batch(step)
-            step += 1
-
 
 def make_train_batches(state: TrainingState, dataset: SliceStackDataset, *,
                        workers: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
@@ -80,8 +53,7 @@ def make_train_batches(state: TrainingState, dataset: SliceStackDataset, *,
         raise FedNdifError(f"dataset k={dataset.k} does not match the model's k={state.k}")
     train = state.cfg["train"]
     workers = int(train.get("workers", 0)) if workers is None else workers
-    sampler = StepBatchSampler(len(dataset), batch_size=int(train["batch_size"]),
-                               seed=int(train["seed"]), start_step=state.step)
+    sampler = batch_sampler(dataset, state.cfg, seed=int(train["seed"]), start_step=state.step)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                         persistent_workers=workers > 0)
     return iter(loader)
@@ -157,7 +129,8 @@ def validate(state: TrainingState, dataset: SliceStackDataset, *, use_ema: bool 
         ref = state.normalization.inverse(s.full)
         pred, _ = denoise_volume(model, low_suv, nstd=s.nstd, normalization=state.normalization,
                                  k=state.k, process=state.process, sampler=sampler,
-                                 device=str(state.device), seed=seed, progress=progress)
+                                 device=str(state.device), window=state.window, seed=seed,
+                                 progress=progress)
         m = volume_metrics(pred, ref)
         m.update({f"input_{key}": v for key, v in volume_metrics(low_suv, ref).items()})
         rows.append(m)
@@ -201,9 +174,8 @@ def _interleaved(state: TrainingState, datasets: list[SliceStackDataset]
     if len(datasets) == 1:
         yield from make_train_batches(state, datasets[0])
         return
-    seed, batch_size = int(state.cfg["train"]["seed"]), int(state.cfg["train"]["batch_size"])
-    samplers = [StepBatchSampler(len(d), batch_size=batch_size, seed=seed + i)
-                for i, d in enumerate(datasets)]
+    seed = int(state.cfg["train"]["seed"])
+    samplers = [batch_sampler(d, state.cfg, seed=seed + i) for i, d in enumerate(datasets)]
     odds = np.array([len(d) for d in datasets], float)
     odds /= odds.sum()
     step = state.step
