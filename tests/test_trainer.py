@@ -136,3 +136,26 @@ def test_train_local_command_trains_resumes_and_refuses_to_overwrite(site, tmp_p
     assert load_checkpoint(out / "last.pt").step == 6
     assert main(args(8, "model.k=2", "--resume")) == 2
     assert "model settings differ" in capsys.readouterr().err
+
+
+def test_uptake_weighted_loss_puts_the_loss_on_hot_pixels():
+    import torch.nn.functional as F
+
+    from fed_ndif.models.diffusion import pixel_loss
+    from fed_ndif.training.trainer import uptake_weight
+
+    full = torch.zeros(2, 1, 8, 8)
+    full[:, :, 3, 3] = 20.0  # a lesion peak
+    assert uptake_weight(full, 0.0) is None
+    weight = uptake_weight(full, 1.0)
+    torch.testing.assert_close(weight.mean(dim=(1, 2, 3)), torch.ones(2))
+    assert float(weight[0, 0, 3, 3]) > 15 * float(weight[0, 0, 0, 0])
+    out = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(pixel_loss(out, full, kind="l2"), F.mse_loss(out, full))
+    torch.testing.assert_close(pixel_loss(out, full, kind="l1"), F.l1_loss(out, full))
+    wrong_at_peak = full.clone()
+    wrong_at_peak[:, :, 3, 3] -= 1.0
+    wrong_elsewhere = full.clone()
+    wrong_elsewhere[:, :, 0, 0] -= 1.0
+    assert (pixel_loss(wrong_at_peak, full, kind="l2", weight=weight)
+            > 10 * pixel_loss(wrong_elsewhere, full, kind="l2", weight=weight))

@@ -13,7 +13,6 @@ import copy
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 
@@ -95,8 +94,9 @@ class DiffusionProcess:
         return x0, eps
 
     def loss(self, model: nn.Module, *, low: torch.Tensor, full: torch.Tensor, nstd: torch.Tensor,
-             generator: torch.Generator) -> torch.Tensor:
-        """Training loss for one batch; ``generator`` (CPU) fixes t and noise, for exact resume."""
+             generator: torch.Generator, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Training loss for one batch; ``generator`` (CPU) fixes t and noise, for exact resume.
+        ``weight``: per-pixel weights of the loss (shaped like ``full``, mean about 1)."""
         n = full.shape[0]
         t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
         noise = torch.randn(full.shape, generator=generator).to(full.device, full.dtype)
@@ -104,9 +104,15 @@ class DiffusionProcess:
         x_t = self.q_sample(full, t, noise)
         output = model(torch.cat([x_t, low], dim=1), t, nstd)
         target = self.target(full, noise, t)
-        if self.cfg.loss == "l1":
-            return F.l1_loss(output.float(), target.float())
-        return F.mse_loss(output.float(), target.float())
+        return pixel_loss(output, target, kind=self.cfg.loss, weight=weight)
+
+
+def pixel_loss(output: torch.Tensor, target: torch.Tensor, *, kind: str,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean L1 or L2 error, optionally weighted per pixel."""
+    difference = output.float() - target.float()
+    error = difference.abs() if kind == "l1" else difference ** 2
+    return (error * weight).mean() if weight is not None else error.mean()
 
 
 class EMA:

@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, default_collate
@@ -41,6 +40,7 @@ from fed_ndif.data.dataset import SliceStackDataset
 from fed_ndif.errors import FedNdifError
 from fed_ndif.image_metrics import volume_metrics
 from fed_ndif.models.denoise_volume import denoise_volume
+from fed_ndif.models.diffusion import pixel_loss
 from fed_ndif.models.sampling import SamplerConfig
 from fed_ndif.training.batches import SEED_STRIDE, batch_sampler
 
@@ -76,13 +76,13 @@ def train_step(state: TrainingState, batch: dict[str, torch.Tensor]) -> float:
         low = torch.where(flip[:, None, None, None], low.flip(-1), low)
         full = torch.where(flip[:, None, None, None], full.flip(-1), full)
     state.model.train()
+    weight = uptake_weight(full, float(train.get("uptake_weight", 0.0)))
     if state.process is not None:
         loss = state.process.loss(state.model, low=low, full=full, nstd=nstd,
-                                   generator=generator)
+                                   generator=generator, weight=weight)
     else:
-        out = state.model(low, nstd)
-        loss = (F.l1_loss(out, full) if train.get("unet_loss", "l1") == "l1"
-                else F.mse_loss(out, full))
+        loss = pixel_loss(state.model(low, nstd), full, kind=train.get("unet_loss", "l1"),
+                          weight=weight)
     state.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if train.get("grad_clip"):
@@ -95,6 +95,16 @@ def train_step(state: TrainingState, batch: dict[str, torch.Tensor]) -> float:
         raise FedNdifError(f"training diverged at step {state.step} (loss {value}); lower "
                            "train.lr or check the data normalization")
     return value
+
+
+def uptake_weight(full: torch.Tensor, strength: float) -> torch.Tensor | None:
+    """Per-pixel loss weights ``1 + strength x uptake`` (normalized units), scaled to mean 1 per
+    image: lesions are under 0.1 % of the voxels, so an unweighted loss hardly sees their peaks.
+    None when ``strength`` is 0 (the plain loss)."""
+    if strength <= 0:
+        return None
+    weight = 1.0 + strength * full.clamp_min(0)
+    return weight / weight.mean(dim=(1, 2, 3), keepdim=True)
 
 
 def train_steps(state: TrainingState, batches: Iterator[dict[str, torch.Tensor]],
