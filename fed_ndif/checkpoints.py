@@ -36,6 +36,10 @@ SCHEMA_VERSION = 1
 CHECKPOINT_KIND = "fed-ndif-checkpoint"
 # A training folder's checkpoint, rewritten as training goes on.
 LAST_CHECKPOINT = "last.pt"
+# With train.keep_best: the best model by validation (the starting one if no step beat it), and
+# the record of that choice.
+BEST_CHECKPOINT = "best.pt"
+SELECTION_RECORD = "selection.json"
 # A federation's global model after each round, in RUN_DIR/checkpoints/.
 GLOBAL_CHECKPOINTS = "checkpoints"
 _GLOBAL_PATTERN = re.compile(r"global-round-(\d{4,})\.pt$")

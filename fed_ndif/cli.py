@@ -71,12 +71,13 @@ def _simulate(args: argparse.Namespace) -> None:
 
 
 def _finetune(args: argparse.Namespace) -> None:
-    from fed_ndif.checkpoints import LAST_CHECKPOINT
+    from fed_ndif.checkpoints import BEST_CHECKPOINT, LAST_CHECKPOINT
     from fed_ndif.training.trainer import finetune
 
     finetune(Path(args.checkpoint), Path(args.manifest), Path(args.out_dir), steps=args.steps,
-             lr=args.lr, device=args.device)
-    print(f"personalized checkpoint: {Path(args.out_dir) / LAST_CHECKPOINT}")
+             lr=args.lr, device=args.device, val_every=args.val_every, patience=args.patience)
+    chosen = BEST_CHECKPOINT if args.val_every else LAST_CHECKPOINT
+    print(f"personalized checkpoint: {Path(args.out_dir) / chosen}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -202,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "finetune", help="personalize a (global) checkpoint on one site's training data",
         description="Fine-tune CHECKPOINT on the training split of MANIFEST into OUT_DIR/last.pt; "
-                    "model, diffusion and normalization settings come from the checkpoint.",
+                    "model, diffusion and normalization settings come from the checkpoint. With "
+                    "--val-every, OUT_DIR/best.pt is the best of the checkpoint itself and its "
+                    "fine-tuned steps on the site's validation split (selection.json says which).",
     )
     p.add_argument("checkpoint", help="the federation's global checkpoint (or any fed-ndif .pt)")
     p.add_argument("manifest", help="the site's manifest.csv")
@@ -210,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50, help="optimizer steps (default 50)")
     p.add_argument("--lr", type=float, default=2e-4, help="learning rate (default 2e-4)")
     p.add_argument("--device", default=None, help="cpu | cuda | auto (default: checkpoint's)")
+    p.add_argument("--val-every", type=int, default=None, metavar="N",
+                   help="score the validation split every N steps and keep the best model")
+    p.add_argument("--patience", type=int, default=0, metavar="K",
+                   help="with --val-every: stop after K checks without a gain (default 0: never)")
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser(

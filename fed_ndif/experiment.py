@@ -6,10 +6,13 @@ there, so an interrupted experiment continues where it stopped:
 
     sites/                      synthetic sites (make_sites)
     federated/<method>/         global checkpoints, metrics.jsonl, wandb (one Flower run each)
+    federated/.<method>/logs/   Flower's, Ray's and wandb's own output
     personalized/<site>/        Fed-NDIF fine-tuned on each site
-    local/<site>/               each site alone, same number of steps as a site spends
-    pooled/                     centralized on all sites' data, same total steps
-    metrics.csv, report.md, figures/, config.yaml
+    local/<site>/               each site alone
+    pooled/                     centralized on all sites' data
+    metrics.csv, report.md, metrics_summary.json, figures/, config.yaml
+
+Every learned method gets the same training budget (:class:`Budget`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import numpy as np
 from omegaconf import DictConfig
 
 from fed_ndif.checkpoints import (
+    BEST_CHECKPOINT,
     LAST_CHECKPOINT,
+    SELECTION_RECORD,
     global_checkpoint_path,
     latest_global_checkpoint,
     read_checkpoint,
@@ -126,11 +131,11 @@ class Budget:
         return (f"Training budget, the same for every learned method: {self.per_site} optimizer "
                 f"steps of batch {self.batch} per site ({self.sites} sites; table column "
                 f"'budget' = sites × steps × batch). Fed-NDIF personalized: {self.rounds} "
-                f"federated rounds of {self.local_steps} local steps, then {self.finetune_steps} "
-                f"fine-tuning steps at lr {finetune_lr:g}; the federations (Fed-NDIF global, "
-                f"FedAvg U-Net, FedAvg diffusion without NSTD): {self.federated_rounds} rounds; "
-                f"local-only: {self.per_site} steps at each site; pooled: "
-                f"{self.sites * self.per_site} steps on all sites' data.")
+                f"federated rounds of {self.local_steps} local steps, then up to "
+                f"{self.finetune_steps} fine-tuning steps at lr {finetune_lr:g}; the "
+                f"federations (Fed-NDIF global, FedAvg U-Net, FedAvg diffusion without NSTD): "
+                f"{self.federated_rounds} rounds; local-only: {self.per_site} steps at each site; "
+                f"pooled: {self.sites * self.per_site} steps on all sites' data.")
 
 
 def _train_cfg(fed: dict[str, Any], steps: int) -> dict[str, Any]:
@@ -196,14 +201,18 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
     fed = federated_config(cfg, sites_dir=sites_dir, run_dir=out_dir / "federated" / "fedndif")
     if "fedndif_personalized" in methods:
         start = global_checkpoint_path(out_dir / "federated" / "fedndif", budget.rounds)
+        val_every = cfg.compare.get("finetune_val_every")
+        chosen = BEST_CHECKPOINT if val_every else LAST_CHECKPOINT
         for site in sites:
             out = out_dir / "personalized" / site
-            if not (out / LAST_CHECKPOINT).is_file():
+            if not (out / chosen).is_file():
                 log.info("personalizing Fed-NDIF round %d on %s (%d steps)", budget.rounds,
                          site, budget.finetune_steps)
                 finetune(start, manifests[site], out, steps=budget.finetune_steps,
-                         lr=float(cfg.compare.finetune_lr), device=str(cfg.compare.device))
-            checkpoints["fedndif_personalized"][site] = out / LAST_CHECKPOINT
+                         lr=float(cfg.compare.finetune_lr), device=str(cfg.compare.device),
+                         val_every=int(val_every) if val_every else None,
+                         patience=int(cfg.compare.get("finetune_patience") or 0))
+            checkpoints["fedndif_personalized"][site] = out / chosen
     if "local" in methods:
         local = _train_cfg(fed, budget.per_site)
         for site in sites:
@@ -219,6 +228,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
     rows, figures = score_test_splits(cfg, out_dir, sites, manifests, methods, checkpoints)
     notes = [
         budget.notes(float(cfg.compare.finetune_lr)),
+        *_selection_notes(out_dir / "personalized", sites),
         f"Diffusion sampling: {cfg.diffusion.sampler.name}, {cfg.diffusion.sampler.steps} "
         f"steps, {cfg.diffusion.sampler.samples} sample(s), warm start "
         f"{cfg.diffusion.sampler.warm_start}; model preset channels "
@@ -231,6 +241,21 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
              for shown in ((name, "noise_free") if name == "input" else (name,))]
     return write_report(out_dir, rows, order, curves=curves, notes=notes, figures=figures,
                         budgets=budgets)
+
+
+def _selection_notes(folder: Path, sites: list[str]) -> list[str]:
+    """What personalization kept at each site, from its selection record."""
+    kept = []
+    for site in sites:
+        record = folder / site / SELECTION_RECORD
+        if record.is_file():
+            chosen = json.loads(record.read_text())
+            kept.append(f"{site}: the global model (no fine-tuned step beat it on validation, "
+                        f"{chosen['val_psnr_start']:.2f} dB)" if chosen["kept_start"] else
+                        f"{site}: step {chosen['best_step']} ({chosen['val_psnr_best']:.2f} dB "
+                        f"on validation against {chosen['val_psnr_start']:.2f} dB for the "
+                        "global model)")
+    return ["Personalization kept, by validation PSNR: " + "; ".join(kept) + "."] if kept else []
 
 
 def _lesion_study(studies):

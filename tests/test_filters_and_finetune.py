@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -76,3 +77,26 @@ def test_evaluate_refuses_a_missing_checkpoint(site, tmp_path, capsys):
                  f"m={tmp_path / 'nope.pt'}"]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def test_finetune_keeps_the_global_model_when_no_step_beats_it_on_validation(site, tmp_path):
+    root, manifest = site
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    start = root / "global" / "last.pt"
+    # A learning rate that wrecks the network: no fine-tuned step can beat the start.
+    assert main(["finetune", str(start), str(manifest), str(bad), "--steps", "4", "--lr", "0.3",
+                 "--val-every", "2", "--patience", "1"]) == 0
+    chosen = json.loads((bad / "selection.json").read_text())
+    assert chosen["kept_start"] and chosen["best_step"] == 0
+    kept, base = read_checkpoint(bad / "best.pt"), read_checkpoint(start)
+    for name, value in base["ema"]["weights"].items():
+        assert np.array_equal(kept["ema"]["weights"][name].numpy(), value.numpy()), name
+    # patience 1: one check without a gain (step 2) and it stops, before step 4
+    assert read_checkpoint(bad / "last.pt")["step"] == 2
+    # A sane one records its choice and keeps that step's model.
+    assert main(["finetune", str(start), str(manifest), str(good), "--steps", "4",
+                 "--val-every", "2"]) == 0
+    chosen = json.loads((good / "selection.json").read_text())
+    assert chosen["best_step"] in (0, 2, 4)
+    assert chosen["val_psnr_best"] >= chosen["val_psnr_start"]
+    assert read_checkpoint(good / "best.pt")["step"] == chosen["best_step"]

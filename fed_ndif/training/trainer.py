@@ -26,7 +26,9 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 
 from fed_ndif.checkpoints import (
+    BEST_CHECKPOINT,
     LAST_CHECKPOINT,
+    SELECTION_RECORD,
     TrainingState,
     build_state,
     init_from_checkpoint,
@@ -164,15 +166,24 @@ def train_local(manifest: str | Path, out_dir: str | Path, *,
 
 
 def finetune(checkpoint: str | Path, manifest: str | Path, out_dir: str | Path, *,
-             steps: int, lr: float, device: str | None = None) -> dict[str, float]:
+             steps: int, lr: float, device: str | None = None, val_every: int | None = None,
+             patience: int = 0) -> dict[str, float]:
     """``fed-ndif finetune``: personalize a (global) checkpoint on one site's training split.
 
     Model, diffusion and data settings come from the checkpoint, so a site needs only the
-    checkpoint and its manifest; the optimizer starts fresh.
+    checkpoint and its manifest; the optimizer starts fresh. With ``val_every``, the site's
+    validation split scores the global model and then every ``val_every`` steps; ``best.pt``
+    is the best of them (the global model itself when no step beats it), and training stops
+    after ``patience`` checks without a gain (0: never early).
     """
     cfg = read_checkpoint(checkpoint)["config"]
     cfg["train"].update(steps=int(steps), lr=float(lr), init_from=str(checkpoint),
                         device=device or cfg["train"].get("device", "auto"))
+    if val_every:
+        if val_every < 1 or patience < 0:
+            raise FedNdifError(f"--val-every must be at least 1 and --patience at least 0, got "
+                               f"{val_every} and {patience}")
+        cfg["train"].update(val_every=int(val_every), keep_best=True, patience=int(patience))
     return train_sites(cfg, [Path(manifest)], Path(out_dir))
 
 
@@ -238,17 +249,17 @@ def train_sites(cfg: dict[str, Any], manifests: list[Path], out_dir: Path, *,
     summary: dict[str, float] = {}
     log.info("training on %s (%s, k=%d) from step %d to %d",
              ", ".join(m.parent.name for m in manifests), state.kind, k, state.step, total)
+    selection = _Selection(out_dir) if train.get("keep_best") and val_sets else None
     with (out_dir / "metrics.jsonl").open("a") as metrics_file:
+        if selection is not None and state.step == 0:
+            selection.consider(state, _validation(state, val_sets))
         while state.step < total:
             n = min(chunk, total - state.step,
                     val_every - state.step % val_every, ckpt_every - state.step % ckpt_every)
             metrics = train_steps(state, batches, n)
             record = {"step": state.step, **metrics}
             if val_sets and (state.step % val_every == 0 or state.step == total):
-                vals = [validate(state, v, max_studies=int(train["val_max_studies"]))
-                        for v in val_sets]
-                record.update({f"val_{key}": float(np.mean([v[key] for v in vals]))
-                               for key in vals[0]})
+                record.update(_validation(state, val_sets))
             log.info("step %d: %s", state.step, ", ".join(
                 f"{key}={v:.4g}" for key, v in record.items() if key != "step"))
             metrics_file.write(json.dumps(record) + "\n")
@@ -256,4 +267,51 @@ def train_sites(cfg: dict[str, Any], manifests: list[Path], out_dir: Path, *,
             if state.step % ckpt_every == 0 or state.step == total:
                 save_checkpoint(state, last)
             summary = record
+            if selection is not None and "val_psnr" in record:
+                selection.consider(state, record)
+                if selection.exhausted(int(train.get("patience", 0))):
+                    log.info("no validation gain in %d checks: stopping at step %d",
+                             selection.since_best, state.step)
+                    save_checkpoint(state, last)
+                    break
+    if selection is not None:
+        selection.finish()
     return summary
+
+
+def _validation(state: TrainingState, val_sets: list[SliceStackDataset]) -> dict[str, float]:
+    vals = [validate(state, v, max_studies=int(state.cfg["train"]["val_max_studies"]))
+            for v in val_sets]
+    return {f"val_{key}": float(np.mean([v[key] for v in vals])) for key in vals[0]}
+
+
+class _Selection:
+    """Keeps the best model by validation PSNR in ``best.pt``, the starting weights (step 0)
+    included: when no step beats them, the starting model is what the run hands on."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.best_step = -1
+        self.best_psnr = -math.inf
+        self.start_psnr = math.nan
+        self.since_best = 0
+
+    def consider(self, state: TrainingState, record: dict[str, float]) -> None:
+        psnr = float(record["val_psnr"])
+        if state.step == 0:
+            self.start_psnr = psnr
+        if psnr > self.best_psnr:
+            self.best_step, self.best_psnr, self.since_best = state.step, psnr, 0
+            save_checkpoint(state, self.out_dir / BEST_CHECKPOINT)
+        else:
+            self.since_best += 1
+
+    def exhausted(self, patience: int) -> bool:
+        return patience > 0 and self.since_best >= patience
+
+    def finish(self) -> None:
+        summary = {"best_step": self.best_step, "val_psnr_best": self.best_psnr,
+                   "val_psnr_start": self.start_psnr, "kept_start": self.best_step == 0}
+        (self.out_dir / SELECTION_RECORD).write_text(json.dumps(summary, indent=1))
+        log.info("kept the model of step %d (validation PSNR %.3f dB; start %.3f dB)",
+                 self.best_step, self.best_psnr, self.start_psnr)
