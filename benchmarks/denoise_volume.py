@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="default: the command's (4 on CPU)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--use-checkpoint", help="time this checkpoint (e.g. a patch-trained "
+                        "one, which denoises in windows) instead of the made one")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--nstd-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
@@ -150,7 +152,7 @@ def main() -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = make_checkpoint(work)
+    ckpt = Path(args.use_checkpoint) if args.use_checkpoint else make_checkpoint(work)
     jobs = [(s, False) for s in args.sizes.split(",") if s]
     jobs += [(s, True) for s in args.nstd_only_sizes.split(",") if s]
     rows = []
