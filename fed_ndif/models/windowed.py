@@ -1,7 +1,9 @@
 """Run a network trained on patches over whole slices the way it was trained: in overlapping
 windows of the training patch size, blended with gaussian weights (MONAI's
-``sliding_window_inference``). A whole slice would otherwise change the normalization statistics
-(GroupNorm, InstanceNorm) the network learnt on patches, which shows as an offset in air.
+``sliding_window_inference``). A whole slice would otherwise give the normalization layers
+(GroupNorm, InstanceNorm) other statistics than the patches they learnt on; a probe saw that as
+an offset in air (FIELD-NOTES). Whether windows or whole slices serve a given network better is
+measured, not assumed: BENCHMARKS.md, lesion-faithful denoising.
 """
 
 from __future__ import annotations
