@@ -40,7 +40,6 @@ from fed_ndif.data.manifest import MANIFEST_NAME
 from fed_ndif.errors import FedNdifError
 from fed_ndif.evaluation.compare import (
     INPUT_LABEL,
-    NOISE_FREE_LABEL,
     Method,
     checkpoint_method,
     input_method,
@@ -54,6 +53,7 @@ from fed_ndif.evaluation.compare import (
 from fed_ndif.evaluation.report import figure_lesion_slices, write_report
 from fed_ndif.run_config import federated_config
 from fed_ndif.runtime.simulation import run_flower_simulation
+from fed_ndif.staging import remove_path
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,6 @@ FEDERATIONS: dict[str, dict[str, Any]] = {
 }
 LABELS = {
     "input": INPUT_LABEL,
-    "noise_free": NOISE_FREE_LABEL,
     "gaussian": "Gaussian filter",
     "nlm": "Non-local means",
     "local": "Local-only diffusion",
@@ -81,10 +80,10 @@ NEEDS_FEDERATION = {"fedndif_global": "fedndif", "fedndif_personalized": "fedndi
 
 def _methods(cfg: DictConfig) -> list[str]:
     methods = list(cfg.compare.methods)
-    unknown = [m for m in methods if m not in LABELS or m == "noise_free"]
+    unknown = [m for m in methods if m not in LABELS]
     if unknown:
         raise FedNdifError(f"configuration error: compare.methods has unknown {unknown}; "
-                           f"choose from {[m for m in LABELS if m != 'noise_free']}")
+                           f"choose from {list(LABELS)}")
     return methods
 
 
@@ -203,9 +202,13 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
         start = global_checkpoint_path(out_dir / "federated" / "fedndif", budget.rounds)
         val_every = cfg.compare.get("finetune_val_every")
         chosen = BEST_CHECKPOINT if val_every else LAST_CHECKPOINT
+        # With selection, best.pt appears at step 0; only the selection record marks a finished
+        # run. An unfinished one is cheap: it starts over.
+        finished = SELECTION_RECORD if val_every else LAST_CHECKPOINT
         for site in sites:
             out = out_dir / "personalized" / site
-            if not (out / chosen).is_file():
+            if not (out / finished).is_file():
+                remove_path(out)
                 log.info("personalizing Fed-NDIF round %d on %s (%d steps)", budget.rounds,
                          site, budget.finetune_steps)
                 finetune(start, manifests[site], out, steps=budget.finetune_steps,

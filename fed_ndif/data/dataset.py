@@ -9,6 +9,7 @@ subject's levels). DataLoader workers inherit them by fork without copying.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,15 +46,16 @@ class NormalizedStudy:
     full: np.ndarray  # normalized (z, y, x)
     nstd: float
     affine: np.ndarray
-    foreground: np.ndarray  # (n, 3) int32 (z, y, x): lesion voxels, else the hottest voxels
 
-
-def _foreground(study: Study, full: np.ndarray) -> np.ndarray:
-    if study.lesion_mask is not None:
-        lesions = load_nifti(study.lesion_mask).array
-        if lesions.shape == full.shape and lesions.max() > 0:
-            return np.argwhere(lesions > 0).astype(np.int32)
-    return np.argwhere(full >= np.quantile(full, HOT_QUANTILE)).astype(np.int32)
+    @functools.cached_property
+    def foreground(self) -> np.ndarray:
+        """(n, 3) int32 (z, y, x): lesion voxels, else the hottest voxels. Read on first use:
+        only patch training with foreground oversampling needs them."""
+        if self.study.lesion_mask is not None:
+            lesions = load_nifti(self.study.lesion_mask).array
+            if lesions.shape == self.full.shape and lesions.max() > 0:
+                return np.argwhere(lesions > 0).astype(np.int32)
+        return np.argwhere(self.full >= np.quantile(self.full, HOT_QUANTILE)).astype(np.int32)
 
 
 class SliceStackDataset(Dataset):
@@ -98,7 +100,7 @@ class SliceStackDataset(Dataset):
                 raise FedNdifError(f"{study.liver_mask}: {exc}") from None
             self.studies.append(NormalizedStudy(
                 study=study, low=normalization.forward(low_volume.array), full=full, nstd=nstd,
-                affine=low_volume.affine, foreground=_foreground(study, full)))
+                affine=low_volume.affine))
         shapes = {s.low.shape[1:] for s in self.studies}
         if len(shapes) > 1:
             raise FedNdifError(f"{self.manifest}: studies have different in-plane matrices "

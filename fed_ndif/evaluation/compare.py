@@ -8,6 +8,7 @@ scored on exactly the same studies with exactly the same metrics.
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -46,7 +47,7 @@ class TestStudy:
     spacing: tuple[float, float, float]
     ideal: np.ndarray | None = None  # noise-free reconstruction, where the site has one
 
-    @property
+    @functools.cached_property
     def nstd(self) -> float:
         return liver_nstd(self.low, self.liver)
 
@@ -100,16 +101,24 @@ def load_studies(manifest: Path, split: str, *, count_levels: Sequence[float] | 
     if max_subjects:
         keep = sorted({s.subject for s in studies})[:max_subjects]
         studies = [s for s in studies if s.subject in keep]
+    shared: dict[Path, np.ndarray] = {}
+
+    def subject_volume(path: Path) -> np.ndarray:
+        """A subject's full count, masks and noise-free image serve all its count levels."""
+        if path not in shared:
+            shared[path] = load_nifti(path).array
+        return shared[path]
+
     loaded = []
     for study in studies:
         low = load_nifti(study.low_count)
         loaded.append(TestStudy(
-            study=study, low=low.array, full=load_nifti(study.full_count).array,
-            liver=load_nifti(study.liver_mask).array > 0,
-            lesions=(load_nifti(study.lesion_mask).array.astype(np.int32)
+            study=study, low=low.array, full=subject_volume(study.full_count),
+            liver=subject_volume(study.liver_mask) > 0,
+            lesions=(subject_volume(study.lesion_mask).astype(np.int32)
                      if study.lesion_mask else None),
             spacing=low.spacing,
-            ideal=load_nifti(study.ideal).array if study.ideal else None))
+            ideal=subject_volume(study.ideal) if study.ideal else None))
     return loaded
 
 

@@ -68,7 +68,7 @@ class PatchBatchSampler(StepBatchSampler):
         self.dataset, self.patch, self.fraction = dataset, patch, foreground_fraction
         self.limits = (height - patch, width - patch)
         self.foreground = [(i, s.foreground) for i, s in enumerate(dataset.studies)
-                           if len(s.foreground)]
+                           if len(s.foreground)] if foreground_fraction > 0 else []
 
     def batch(self, step: int) -> list[Key]:
         rng = np.random.default_rng([self.seed, step, 1])

@@ -264,16 +264,17 @@ def train_sites(cfg: dict[str, Any], manifests: list[Path], out_dir: Path, *,
                 f"{key}={v:.4g}" for key, v in record.items() if key != "step"))
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
-            if state.step % ckpt_every == 0 or state.step == total:
-                save_checkpoint(state, last)
             summary = record
+            stop = False
             if selection is not None and "val_psnr" in record:
                 selection.consider(state, record)
-                if selection.exhausted(int(train.get("patience", 0))):
-                    log.info("no validation gain in %d checks: stopping at step %d",
-                             selection.since_best, state.step)
-                    save_checkpoint(state, last)
-                    break
+                stop = selection.exhausted(int(train.get("patience", 0)))
+            if stop or state.step % ckpt_every == 0 or state.step == total:
+                save_checkpoint(state, last)
+            if stop:
+                log.info("no validation gain in %d checks: stopping at step %d",
+                         selection.since_best, state.step)
+                break
     if selection is not None:
         selection.finish()
     return summary
