@@ -19,7 +19,8 @@ import torch
 from fed_ndif.checkpoints import load_checkpoint
 from fed_ndif.data.dataset import SliceStackDataset, stack_indices
 from fed_ndif.data.nifti import load_nifti
-from fed_ndif.evaluation.lesions import lesion_metrics, summarize_lesions
+from fed_ndif.data.volume import Volume
+from fed_ndif.evaluation.lesions import lesion_summary
 from fed_ndif.image_metrics import volume_metrics
 from fed_ndif.models.sampling import _model_x0
 
@@ -60,9 +61,9 @@ def main() -> None:
             ref = norm.inverse(s.full[zs])
             lesions = load_nifti(s.study.lesion_mask).array[zs]
             m = volume_metrics(pred, ref)
-            les = summarize_lesions(lesion_metrics(pred, ref, lesions))
-            rows.append((m["psnr"], m["ssim"], les["abs_suvmax_bias_pct"],
-                         les["suvmax_bias_pct"],
+            les = lesion_summary(pred, ref, lesions, Volume(s.low, s.affine).spacing)
+            rows.append((m["psnr"], m["ssim"], les["abs_suvmax_bias_pct_ge10"],
+                         les["suvmax_bias_pct_ge10"],
                          float((x0[:, 0] - low[:, k]).abs().mean())))
         r = np.mean(rows, axis=0)
         print(f"| {t} | {r[0]:.2f} | {r[1]:.4f} | {r[2]:.1f} | {r[3]:+.1f} | {r[4]:.4f} |",

@@ -12,8 +12,8 @@ Two sub-commands (run the two trainings concurrently, one thread each, if you li
 
 Checkpoints are the library's own (``save_checkpoint``), so ``fed-ndif`` can load them too.
 Metrics (whole test volumes, SUV, against full count): PSNR / SSIM
-(fed_ndif.image_metrics.volume_metrics), lesion SUVmax bias over lesions with at least
-``--min-lesion-voxels`` voxels (lesion_metrics + summarize_lesions: mean |bias| and signed mean),
+(fed_ndif.image_metrics.volume_metrics), lesion SUVmax bias over lesions of at least 10 mm
+(fed_ndif.evaluation.lesions.lesion_summary: mean |bias| and signed mean),
 liver NSTD (fed_ndif.data.nstd.liver_nstd with the subject's liver mask). The Gaussian FWHM is
 tuned on the validation split by PSNR (fed_ndif.evaluation.filters.tune_filter).
 """
@@ -34,8 +34,9 @@ from fed_ndif.config import load_config
 from fed_ndif.data.dataset import SliceStackDataset
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.nstd import liver_nstd
+from fed_ndif.data.volume import Volume
 from fed_ndif.evaluation.filters import tune_filter
-from fed_ndif.evaluation.lesions import lesion_metrics, summarize_lesions
+from fed_ndif.evaluation.lesions import lesion_summary
 from fed_ndif.image_metrics import volume_metrics
 from fed_ndif.models.denoise_volume import denoise_volume
 from fed_ndif.models.sampling import SamplerConfig
@@ -83,14 +84,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------- eval
 def score(pred: np.ndarray, ref: np.ndarray, lesions: np.ndarray, liver: np.ndarray,
-          min_voxels: int) -> dict[str, float]:
+          spacing: tuple[float, float, float]) -> dict[str, float]:
     m = volume_metrics(pred, ref)
-    results = [r for r in lesion_metrics(pred, ref, lesions) if r.voxels >= min_voxels]
-    s = summarize_lesions(results)
+    s = lesion_summary(pred, ref, lesions, spacing)
     return {"psnr": m["psnr"], "ssim": m["ssim"],
-            "abs_suvmax_bias_pct": s.get("abs_suvmax_bias_pct", float("nan")),
-            "suvmax_bias_pct": s.get("suvmax_bias_pct", float("nan")),
-            "lesions": s.get("lesions", 0.0),
+            "abs_suvmax_bias_pct": s.get("abs_suvmax_bias_pct_ge10", float("nan")),
+            "suvmax_bias_pct": s.get("suvmax_bias_pct_ge10", float("nan")),
+            "lesions": s.get("lesions_ge10", 0.0),
             "liver_nstd": liver_nstd(pred, liver)}
 
 
@@ -200,7 +200,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             log.info("%s %s: %.1f s", s.study.subject, name, dt)
         for name, pred in preds.items():
             rows.setdefault(name, []).append(score(pred, ref_c, lesions_c, liver_c,
-                                                   args.min_lesion_voxels))
+                                                   Volume(s.low, s.affine).spacing))
     results = {}
     for name, rs in rows.items():
         r = {key: float(np.nanmean([x[key] for x in rs])) for key in rs[0]}
@@ -212,7 +212,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         results[name] = r
     report = {"test_studies": [s.study.subject for s in test.studies],
               "val_studies": [s.study.subject for s in val.studies],
-              "gaussian": gauss.__dict__, "min_lesion_voxels": args.min_lesion_voxels,
+              "gaussian": gauss.__dict__, "lesions": "equivalent diameter >= 10 mm",
               "t_start": args.t_start, "seed": args.seed, "slab": args.slab,
               "results": results}
     if args.json:
@@ -254,7 +254,6 @@ def main() -> None:
     e.add_argument("--t-start", type=int, default=300)
     e.add_argument("--slab", type=int, nargs=2, metavar=("Z0", "Z1"),
                    help="score only axial slices [Z0, Z1) (networks run on them + k context)")
-    e.add_argument("--min-lesion-voxels", type=int, default=8)
     e.add_argument("--batch", type=int, default=64, help="slices per batch at inference")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json")

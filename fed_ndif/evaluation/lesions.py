@@ -100,9 +100,6 @@ class LesionSet:
             self.shells.append(np.flatnonzero(shell))
             self.diameters.append(equivalent_diameter_mm(int(mask.sum()), self.spacing))
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
     def uptake(self, volume: np.ndarray) -> list[Uptake]:
         if not self.labels:
             return []
