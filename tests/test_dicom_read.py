@@ -229,8 +229,8 @@ def test_injection_after_scan(tmp_path):
         read_pet_series(tmp_path)
 
 
-@pytest.mark.parametrize("units", ["CNTS", "GML", None])
-def test_units_not_bqml(tmp_path, units):
+@pytest.mark.parametrize("units", ["CNTS", "PROPCNTS", None])
+def test_units_that_cannot_become_suv(tmp_path, units):
     make_series(tmp_path, SeriesSpec(units=units))
     with pytest.raises(FedNdifError, match=f"Units \\(0054,1001\\) is {units or 'missing'}"):
         read_pet_series(tmp_path)

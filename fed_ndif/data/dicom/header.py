@@ -188,9 +188,10 @@ def template_header(info: PetSeriesInfo) -> Dataset:
         if keyword in ds:
             delattr(ds, keyword)
     # Keep the SUV inputs consistent with the Bq/ml we write (they may have been supplied).
-    ds.PatientWeight = ds_text(info.weight_kg)
+    if info.weight_kg is not None:
+        ds.PatientWeight = ds_text(info.weight_kg)
     sequence = ds.get("RadiopharmaceuticalInformationSequence")
-    if sequence:
+    if sequence and info.injected_dose_bq is not None:
         sequence[0].RadionuclideTotalDose = ds_text(info.injected_dose_bq)
     _complete(ds)
     return ds

@@ -7,14 +7,21 @@ a silently missing slice, and when several PET series are present the user must 
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, PositronEmissionTomographyImageStorage
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    PositronEmissionTomographyImageStorage,
+)
 
 from fed_ndif.errors import FedNdifError
 
@@ -33,7 +40,7 @@ class DicomFile:
 
     path: Path
     header: Dataset
-    force: bool  # read with force=True (no preamble)
+    force: bool  # not a standard Part 10 file (no preamble, or no file meta)
 
 
 def one_line(exc: BaseException) -> str:
@@ -42,42 +49,115 @@ def one_line(exc: BaseException) -> str:
     return f"{exc.__class__.__name__}: {text[:160]}" if text else exc.__class__.__name__
 
 
-def _read_header(path: Path) -> DicomFile | None:
-    """The header of a DICOM file, None for a non-DICOM file; corrupt PET files are errors."""
+def _set_transfer_syntax(ds: Dataset) -> None:
+    """Give a data set read without file meta the transfer syntax its bytes were parsed with,
+    so that its pixel data can be decoded (pydicom needs (0002,0010) for that)."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        implicit, little = True, True  # the DICOM default transfer syntax
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
+def open_dicom(path: Path, *, force: bool, stop_before_pixels: bool) -> Dataset:
+    """Read a DICOM file: Part 10, or raw (no preamble, no 'DICM', no file meta: ``force``).
+
+    A file that starts with 'DICM' (the preamble cut off, the file meta kept) is read with a
+    blank preamble put back, so its file meta, and with it the transfer syntax, is honoured.
+    """
+    if not force:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    with path.open("rb") as handle:
+        prefix = handle.read(4)
+    if prefix == b"DICM":
+        data = io.BytesIO(b"\0" * 128 + path.read_bytes())
+        ds = pydicom.dcmread(data, stop_before_pixels=stop_before_pixels)
+    else:
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, force=True)
+    _set_transfer_syntax(ds)
+    return ds
+
+
+def _read_header(path: Path, errors: list[tuple[Path, str]] | None = None) -> DicomFile | None:
+    """The header of a DICOM file, None for a non-DICOM file; corrupt PET files are errors
+    (raised, or appended to ``errors`` as (path, reason) when a list is given)."""
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True)
         force = False
     except InvalidDicomError:
-        # No 'DICM' prefix: raw DICOM without preamble, or not DICOM at all.
+        # No 'DICM' prefix: raw DICOM without preamble or file meta, or not DICOM at all.
         if path.name.lower().endswith(_NOT_DICOM_SUFFIXES):
             return None
         try:
-            header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+            header = open_dicom(path, force=True, stop_before_pixels=True)
         except Exception:
             return None
         if "SOPClassUID" not in header or "SeriesInstanceUID" not in header:
             return None
         force = True
     except Exception as exc:
-        raise FedNdifError(f"{path}: a DICOM file whose header cannot be read ({one_line(exc)}); "
-                           "remove or replace it") from exc
+        reason = (f"a DICOM file whose header cannot be read ({one_line(exc)}); remove or "
+                  "replace it")
+        if errors is None:
+            raise FedNdifError(f"{path}: {reason}") from exc
+        errors.append((path, reason))
+        return None
     meta = getattr(header, "file_meta", None)
     media_class = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
     if "SeriesInstanceUID" not in header or "SOPClassUID" not in header:
         if media_class == PET_IMAGE_STORAGE:
             # A truncated header reads silently as a partial data set.
-            raise FedNdifError(f"{path}: a PET DICOM file that is truncated or corrupt (no "
-                               "SeriesInstanceUID/SOPClassUID could be read); remove or replace it")
+            reason = ("a PET DICOM file that is truncated or corrupt (no SeriesInstanceUID/"
+                      "SOPClassUID could be read); remove or replace it")
+            if errors is None:
+                raise FedNdifError(f"{path}: {reason}")
+            errors.append((path, reason))
+            return None
         if media_class != DICOMDIR_STORAGE:
             log.warning("skipping %s: DICOM file without a series (incomplete?)", path)
         return None
     return DicomFile(path, header, force)
 
 
-def _scan_folder(folder: Path) -> tuple[list[DicomFile], int]:
+def scan_folder(folder: Path, errors: list[tuple[Path, str]] | None = None
+                ) -> tuple[list[DicomFile], int]:
+    """Headers of every DICOM file under ``folder`` (whatever the names and layout), and the
+    number of files looked at. ``errors``: collect unreadable files instead of raising."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    found = [f for f in (_read_header(p) for p in files) if f is not None]
+    found = [f for f in (_read_header(p, errors) for p in files) if f is not None]
     return found, len(files)
+
+
+def is_pet_image(f: DicomFile) -> bool:
+    return (str(f.header.get("Modality", "")).upper() == "PT"
+            and str(f.header.SOPClassUID) == PET_IMAGE_STORAGE)
+
+
+def unique_instances(files: list[DicomFile]) -> list[DicomFile]:
+    """One file per SOPInstanceUID: the same instance copied twice is harmless."""
+    unique: dict[str, DicomFile] = {}
+    for f in files:
+        sop = str(f.header.get("SOPInstanceUID", f.path))
+        if sop in unique:
+            log.warning("%s duplicates %s (same SOPInstanceUID); using one", f.path,
+                        unique[sop].path)
+            continue
+        unique[sop] = f
+    return list(unique.values())
+
+
+def pet_series(files: list[DicomFile]) -> dict[str, list[DicomFile]]:
+    """SeriesInstanceUID -> the PET Image Storage files of each PET series among ``files``."""
+    series: dict[str, list[DicomFile]] = {}
+    for f in files:
+        if is_pet_image(f):
+            series.setdefault(str(f.header.SeriesInstanceUID), []).append(f)
+    return series
 
 
 def _describe(files: list[DicomFile]) -> str:
@@ -88,7 +168,7 @@ def _describe(files: list[DicomFile]) -> str:
 
 def select_pet_series(folder: Path, series_uid: str | None) -> list[DicomFile]:
     """The PET Image Storage files of the one PET series in ``folder`` (or of ``series_uid``)."""
-    files, n_files = _scan_folder(folder)
+    files, n_files = scan_folder(folder)
     if n_files == 0:
         raise FedNdifError(f"{folder}: the folder is empty; expected a PET DICOM series")
     if not files:
@@ -123,13 +203,4 @@ def select_pet_series(folder: Path, series_uid: str | None) -> list[DicomFile]:
     else:
         chosen = next(iter(pet.values()))
     chosen = [f for f in chosen if str(f.header.SOPClassUID) == PET_IMAGE_STORAGE]
-    # The same instance copied twice is harmless: keep one.
-    unique: dict[str, DicomFile] = {}
-    for f in chosen:
-        sop = str(f.header.get("SOPInstanceUID", f.path))
-        if sop in unique:
-            log.warning("%s duplicates %s (same SOPInstanceUID); using one", f.path,
-                        unique[sop].path)
-            continue
-        unique[sop] = f
-    return list(unique.values())
+    return unique_instances(chosen)

@@ -13,12 +13,19 @@ C.8.9.1.1.2):
   each slice's own AcquisitionDate/Time (frame start) and, when ActualFrameDuration is known, by
   the mean decay over the frame ``(1 - exp(-λT)) / (λT)``.
 
+Units (0054,1001) other than Bq/ml, as exports hold them: ``GML`` (already SUV body weight,
+e.g. from a workstation) is taken as it is; Philips ``CNTS`` series that carry the private
+activity concentration scale factor (7053,1009) are turned into Bq/ml by it (then SUV as
+above), and those with only the private SUV scale factor (7053,1000) straight into SUV. Any
+other unit cannot be turned into SUV and is refused.
+
 Only patient weight and dose ever come from outside the files (the CLI's ``--weight KG`` /
 ``--dose MBQ``), and :func:`check_weight_and_dose` is the one check of them.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,10 +33,13 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 
 from fed_ndif.data.dicom.series import DicomFile
 from fed_ndif.data.dicom.times import injection_time, scan_start, slice_acquisition
 from fed_ndif.errors import FedNdifError
+
+log = logging.getLogger(__name__)
 
 F18_HALF_LIFE_S = 6586.2  # 109.77 min
 F18_POSITRON_FRACTION = 0.9673
@@ -57,15 +67,66 @@ def check_weight_and_dose(weight_kg: float | None, dose_bq: float | None) -> Non
             raise FedNdifError(f"{option} must be a positive number, got {shown}")
 
 
+PHILIPS_PET_GROUP = "Philips PET Private Group"  # private creator of group 7053
+PHILIPS_SUV_FACTOR = 0x00  # (7053,xx00) SUV Scale Factor: CNTS -> SUV (body weight)
+PHILIPS_ACTIVITY_FACTOR = 0x09  # (7053,xx09) Activity Concentration Scale Factor: -> Bq/ml
+
+
 @dataclass
 class Suv:
-    """The SUV factor of each slice and what it rests on."""
+    """How slice k's rescaled stored values become SUV: ``value * scales[k] * factors[k]``.
+
+    ``scales`` turn the stored unit into ``units`` (Bq/ml, or SUV for GML); ``factors`` turn
+    Bq/ml into SUV (1 when ``units`` is GML). Weight and dose are None when not used.
+    """
 
     factors: np.ndarray
     decay_correction: str
     reference: str  # what the dose was decayed to, in words
-    weight_kg: float
-    dose_bq: float
+    weight_kg: float | None
+    dose_bq: float | None
+    scales: np.ndarray | None = None
+    units: str = "BQML"
+    source_units: str = "BQML"
+
+    def __post_init__(self) -> None:
+        if self.scales is None:
+            self.scales = np.ones(len(self.factors))
+
+
+def _private_number(f: DicomFile, element: int) -> float | None:
+    """A Philips group 7053 number (DS, or UN bytes from an implicit VR file), None if absent."""
+    header = f.header
+    try:
+        block = header.private_block(0x7053, PHILIPS_PET_GROUP)
+        tag = block.get_tag(element)
+    except KeyError:
+        tag = 0x70531000 + element  # no private creator: the usual block
+    if tag not in header:
+        return None
+    value = header[tag].value
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace").strip("\x00 ").split("\\")[0]
+    elif isinstance(value, MultiValue | list | tuple):
+        value = value[0] if len(value) else None
+    number = positive(value)
+    if number is None:
+        raise FedNdifError(f"{f.path}: Philips private factor (7053,{0x1000 + element:04X}) is "
+                           f"{value!r}, not a positive number; cannot turn counts into SUV")
+    return number
+
+
+def _philips_scales(files: list[DicomFile], element: int) -> np.ndarray | None:
+    """Per-slice Philips factor, None when no slice has it; refuses a series with gaps."""
+    values = [_private_number(f, element) for f in files]
+    if all(v is None for v in values):
+        return None
+    missing = [f for f, v in zip(files, values, strict=True) if v is None]
+    if missing:
+        raise FedNdifError(f"{missing[0].path}: Philips private factor (7053,"
+                           f"{0x1000 + element:04X}) is missing on {len(missing)} of "
+                           f"{len(files)} slices; cannot turn counts into SUV")
+    return np.asarray(values, np.float64)
 
 
 def _consistent_upper(files: list[DicomFile], keyword: str) -> str:
@@ -85,9 +146,32 @@ def suv_factors(files: list[DicomFile], *, weight_kg: float | None, dose_bq: flo
     first = files[0].header
     units = _consistent_upper(files, "Units")
     decay = _consistent_upper(files, "DecayCorrection")
-    if units != "BQML":
-        raise FedNdifError(f"Units (0054,1001) is {units or 'missing'}; only BQML (Bq/ml) PET "
-                           "series can be converted to SUV")
+    scales = np.ones(len(files))
+    if units == "GML":
+        if weight_kg is not None or dose_bq is not None:
+            log.warning("the series is already in SUV (Units GML); the supplied weight/dose "
+                        "is not used")
+        return Suv(np.ones(len(files)), decay, "none (the series is stored in SUV, Units GML)",
+                   None, None, units="GML", source_units="GML")
+    if units == "CNTS":
+        activity = _philips_scales(files, PHILIPS_ACTIVITY_FACTOR)
+        suv = _philips_scales(files, PHILIPS_SUV_FACTOR) if activity is None else None
+        if activity is None and suv is None:
+            raise FedNdifError(
+                f"{files[0].path}: Units (0054,1001) is CNTS without the Philips private scale "
+                "factors (7053,1009) or (7053,1000); counts cannot be turned into SUV")
+        if activity is None:
+            if weight_kg is not None or dose_bq is not None:
+                log.warning("SUV comes from the Philips SUV scale factor (7053,1000); the "
+                            "supplied weight/dose is not used")
+            return Suv(np.ones(len(files)), decay, "the scanner's (Philips SUV scale factor "
+                       "(7053,1000))", None, None, scales=suv, units="GML",
+                       source_units="CNTS")
+        scales = activity
+    elif units != "BQML":
+        raise FedNdifError(f"{files[0].path}: Units (0054,1001) is {units or 'missing'}; only "
+                           "BQML (Bq/ml), GML (SUV) or Philips CNTS with its scale factors can "
+                           "be converted to SUV")
     weight = positive(weight_kg if weight_kg is not None else first.get("PatientWeight"))
     if weight is None:
         raise FedNdifError("PatientWeight (0010,1030) is missing or zero; supply the "
@@ -105,7 +189,7 @@ def suv_factors(files: list[DicomFile], *, weight_kg: float | None, dose_bq: flo
     if decay == "ADMIN":
         factors = np.full(len(files), weight_g / dose)
         return Suv(factors, decay, "administration (images decay-corrected to injection)",
-                   weight, dose)
+                   weight, dose, scales=scales, source_units=units)
     if decay not in ("START", "NONE"):
         raise FedNdifError(f"DecayCorrection (0054,1102) is {decay or 'missing'}; expected START, "
                            "ADMIN or NONE")
@@ -129,7 +213,8 @@ def suv_factors(files: list[DicomFile], *, weight_kg: float | None, dose_bq: flo
 
     if decay == "START":
         factors = np.full(len(files), weight_g / decayed_dose(scan, "scan start"))
-        return Suv(factors, decay, f"scan start ({reference})", weight, dose)
+        return Suv(factors, decay, f"scan start ({reference})", weight, dose, scales=scales,
+                   source_units=units)
     # NONE: each slice at its own acquisition time, mean decay over its frame.
     lam = math.log(2.0) / half_life
     factors = np.empty(len(files))
@@ -144,4 +229,4 @@ def suv_factors(files: list[DicomFile], *, weight_kg: float | None, dose_bq: flo
             in_frame = -math.expm1(-lam * duration_s) / (lam * duration_s)
         factors[k] = weight_g / (decayed_dose(start, "slice acquisition") * in_frame)
     return Suv(factors, decay, "each slice's AcquisitionDate/Time (images not decay-corrected)",
-               weight, dose)
+               weight, dose, scales=scales, source_units=units)

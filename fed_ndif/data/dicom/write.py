@@ -113,7 +113,8 @@ def write_pet_series(
     base.SeriesDescription = series_description[:64]
     base.DerivationDescription = derivation_description[:1024]
     base.ImageType = ["DERIVED", "PRIMARY"]
-    base.Units = "BQML"
+    # Bq/ml, or SUV when the source was read in SUV (then every factor is 1).
+    base.Units = template.units if template is not None else "BQML"
     base.NumberOfSlices = nz
     base.ContentDate = da_text(now)
     base.ContentTime = tm_text(now)
