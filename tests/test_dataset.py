@@ -13,7 +13,7 @@ from fed_ndif.data.dataset import SliceStackDataset, stack_indices
 from fed_ndif.data.manifest import read_manifest
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.normalization import Normalization
-from fed_ndif.data.nstd import liver_nstd
+from fed_ndif.data.nstd import liver_nstd, measure_liver_nstd
 from fed_ndif.errors import FedNdifError
 from tests.helpers.synthetic import write_site
 
@@ -92,8 +92,9 @@ def _rewrite(manifest, tmp_path, change) -> object:
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (lambda r, f: ([{k: v for k, v in x.items() if k != "liver_mask"} for x in r],
-                   [c for c in f if c != "liver_mask"]), "lacks column"),
+    (lambda r, f: ([{k: v for k, v in x.items() if k != "full_count"} for x in r],
+                   [c for c in f if c != "full_count"]), "lacks column"),
+    (lambda r, f: ([{**x, "low_count": ""} for x in r], f), "low_count are blank"),
     (lambda r, f: ([{**x, "split": "holdout"} for x in r], f), "split must be"),
     (lambda r, f: ([{**x, "count_level": "ten"} for x in r], f), "not a number"),
     (lambda r, f: ([{**x, "count_level": "10"} for x in r], f), "fraction"),
@@ -115,6 +116,24 @@ def test_the_noise_free_column_is_optional(site, tmp_path):
     studies = read_manifest(with_column)
     assert studies[0].ideal == with_column.parent / "ideal.nii.gz"
     assert all(s.ideal is None for s in studies[1:])  # blank: no reference for that study
+
+
+@pytest.mark.parametrize("absent", [False, True], ids=["blank", "no-columns"])
+def test_masks_are_optional_and_the_automatic_liver_voi_gives_nstd(tmp_path, absent):
+    # Long enough (48 x 14 mm) for the automatic liver VOI to find the liver.
+    site = write_site(tmp_path / "site", splits=("train",), levels=(0.25,), matrix=48, slices=48)
+    masked = SliceStackDataset(site, split="train", k=1, normalization=Normalization())
+    bare = _rewrite(site, tmp_path, lambda r, f: (
+        ([{k: v for k, v in x.items() if k not in ("liver_mask", "lesion_mask")} for x in r],
+         [c for c in f if c not in ("liver_mask", "lesion_mask")]) if absent else
+        ([{**x, "liver_mask": "", "lesion_mask": ""} for x in r], f)))
+    study = read_manifest(bare)[0]
+    assert study.liver_mask is None and study.lesion_mask is None
+    ds = SliceStackDataset(bare, split="train", k=1, normalization=Normalization())
+    low = load_nifti(study.low_count)
+    assert ds.studies[0].nstd == pytest.approx(measure_liver_nstd(low)[0], rel=1e-6)
+    assert ds.studies[0].nstd == pytest.approx(masked.studies[0].nstd, rel=0.15)
+    assert len(ds.studies[0].foreground) > 0  # the hottest voxels stand in for lesions
 
 
 def test_missing_manifest_and_volume_are_named(site, tmp_path):

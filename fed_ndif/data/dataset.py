@@ -21,7 +21,8 @@ from torch.utils.data import Dataset
 from fed_ndif.data.manifest import Study, read_manifest
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.normalization import Normalization
-from fed_ndif.data.nstd import liver_nstd
+from fed_ndif.data.nstd import measure_liver_nstd
+from fed_ndif.data.volume import Volume
 from fed_ndif.errors import FedNdifError
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,20 @@ class NormalizedStudy:
             if lesions.shape == self.full.shape and lesions.max() > 0:
                 return np.argwhere(lesions > 0).astype(np.int32)
         return np.argwhere(self.full >= np.quantile(self.full, HOT_QUANTILE)).astype(np.int32)
+
+
+def study_nstd(study: Study, low: Volume) -> float:
+    """The liver NSTD of a study's low-count input: in its liver mask, or, when the manifest
+    leaves the mask blank, in the automatic liver VOI (as ``fed-ndif denoise`` measures it)."""
+    try:
+        if study.liver_mask is None:
+            nstd, how = measure_liver_nstd(low)
+            log.debug("%s: liver NSTD %.3f in the %s", study.low_count.name, nstd, how)
+            return nstd
+        return measure_liver_nstd(low, load_nifti(study.liver_mask).array)[0]
+    except FedNdifError as exc:
+        where = study.liver_mask or study.low_count
+        raise FedNdifError(f"{where}: {exc}") from None
 
 
 class SliceStackDataset(Dataset):
@@ -93,11 +108,7 @@ class SliceStackDataset(Dataset):
             if low_volume.array.shape != full.shape:
                 raise FedNdifError(f"{study.low_count}: shape {low_volume.array.shape} differs "
                                    f"from its full-count volume {full.shape}")
-            liver = load_nifti(study.liver_mask).array
-            try:
-                nstd = liver_nstd(low_volume.array, liver)
-            except FedNdifError as exc:
-                raise FedNdifError(f"{study.liver_mask}: {exc}") from None
+            nstd = study_nstd(study, low_volume)
             self.studies.append(NormalizedStudy(
                 study=study, low=normalization.forward(low_volume.array), full=full, nstd=nstd,
                 affine=low_volume.affine))

@@ -20,7 +20,8 @@ import numpy as np
 from fed_ndif.checkpoints import load_checkpoint, sampler_config
 from fed_ndif.data.manifest import Study, read_manifest
 from fed_ndif.data.nifti import load_nifti
-from fed_ndif.data.nstd import liver_nstd
+from fed_ndif.data.nstd import find_liver_voi, liver_nstd, measure_liver_nstd
+from fed_ndif.data.volume import Volume
 from fed_ndif.errors import FedNdifError
 from fed_ndif.evaluation.filters import TunedFilter, tune_filter
 from fed_ndif.evaluation.lesions import LesionSet, lesion_metrics, summarize_lesions, summary_keys
@@ -37,7 +38,12 @@ NOISE_FREE_LABEL = "Noise-free reconstruction (reference)"
 
 @dataclass
 class TestStudy:
-    """A held-out study as evaluation sees it: SUV volumes, masks and voxel spacing."""
+    """A held-out study as evaluation sees it: SUV volumes, masks and voxel spacing.
+
+    ``liver`` is the manifest's liver mask or, when it is blank, the automatic liver VOI found
+    on the full-count scan (one VOI for every method, so their liver NSTDs compare); the
+    model's input NSTD is measured as training and ``fed-ndif denoise`` measure it.
+    """
 
     study: Study
     low: np.ndarray
@@ -46,10 +52,18 @@ class TestStudy:
     lesions: np.ndarray | None
     spacing: tuple[float, float, float]
     ideal: np.ndarray | None = None  # noise-free reconstruction, where the site has one
+    affine: np.ndarray | None = None
+    automatic_liver: bool = False
 
     @functools.cached_property
     def nstd(self) -> float:
+        if self.automatic_liver:
+            return measure_liver_nstd(Volume(self.low, self.affine))[0]
         return liver_nstd(self.low, self.liver)
+
+    def liver_nstd(self, volume: np.ndarray) -> float:
+        """NSTD of ``volume`` in this study's liver (an automatic VOI is used as found)."""
+        return liver_nstd(volume, self.liver, erode=0 if self.automatic_liver else 1)
 
 
 Denoiser = Callable[[TestStudy], np.ndarray]
@@ -102,6 +116,7 @@ def load_studies(manifest: Path, split: str, *, count_levels: Sequence[float] | 
         keep = sorted({s.subject for s in studies})[:max_subjects]
         studies = [s for s in studies if s.subject in keep]
     shared: dict[Path, np.ndarray] = {}
+    vois: dict[Path, np.ndarray] = {}
 
     def subject_volume(path: Path) -> np.ndarray:
         """A subject's full count, masks and noise-free image serve all its count levels."""
@@ -109,16 +124,28 @@ def load_studies(manifest: Path, split: str, *, count_levels: Sequence[float] | 
             shared[path] = load_nifti(path).array
         return shared[path]
 
+    def automatic_voi(study: Study, affine: np.ndarray) -> np.ndarray:
+        if study.full_count not in vois:
+            try:
+                vois[study.full_count] = find_liver_voi(
+                    Volume(subject_volume(study.full_count), affine))
+            except FedNdifError as exc:
+                raise FedNdifError(f"{study.full_count}: {exc}") from None
+        return vois[study.full_count]
+
     loaded = []
     for study in studies:
         low = load_nifti(study.low_count)
+        auto = study.liver_mask is None
         loaded.append(TestStudy(
             study=study, low=low.array, full=subject_volume(study.full_count),
-            liver=subject_volume(study.liver_mask) > 0,
+            liver=(automatic_voi(study, low.affine) if auto
+                   else subject_volume(study.liver_mask) > 0),
             lesions=(subject_volume(study.lesion_mask).astype(np.int32)
                      if study.lesion_mask else None),
             spacing=low.spacing,
-            ideal=subject_volume(study.ideal) if study.ideal else None))
+            ideal=subject_volume(study.ideal) if study.ideal else None,
+            affine=low.affine, automatic_liver=auto))
     return loaded
 
 
@@ -137,7 +164,7 @@ def score_methods(site: str, studies: list[TestStudy], methods: list[Method], *,
     study lacks (the noise-free reference of real data) is skipped for it."""
     rows, outputs = [], {}
     for study in studies:
-        reference_nstd = liver_nstd(study.full, study.liver)
+        reference_nstd = study.liver_nstd(study.full)
         lesion_set = reference = ideal = None
         if study.lesions is not None:
             lesion_set = LesionSet(study.lesions, study.spacing, study.full)
@@ -150,7 +177,7 @@ def score_methods(site: str, studies: list[TestStudy], methods: list[Method], *,
             row = {"site": site, "subject": study.study.subject,
                    "count_level": study.study.count_level, "method": method.name,
                    "label": method.label, **volume_metrics(out, study.full),
-                   "liver_nstd": liver_nstd(out, study.liver),
+                   "liver_nstd": study.liver_nstd(out),
                    "full_count_liver_nstd": reference_nstd}
             if lesion_set is not None:
                 row.update(summarize_lesions(lesion_metrics(
