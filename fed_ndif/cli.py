@@ -38,6 +38,14 @@ def _convert(args: argparse.Namespace) -> None:
     log.info("wrote %s (SUV)", out)
 
 
+def _prepare_site(args: argparse.Namespace) -> None:
+    from fed_ndif.data.prepare import prepare_site
+
+    prepare_site(Path(args.export), Path(args.site_dir), pairs_file=args.pairs, val=args.val,
+                 test=args.test, seed=args.seed, keep_key=args.keep_key,
+                 overwrite=args.overwrite)
+
+
 def _train_local(args: argparse.Namespace) -> None:
     from fed_ndif.checkpoints import LAST_CHECKPOINT
     from fed_ndif.training.trainer import train_local
@@ -130,6 +138,31 @@ def build_parser() -> argparse.ArgumentParser:
                    "injection time (replaces or supplies RadionuclideTotalDose)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser(
+        "prepare-site", help="turn a hospital's DICOM export into a site folder (no PHI)",
+        description="Scan EXPORT_DIR (any layout: DICOMDIR, opaque names, other modalities), "
+                    "pair each low-count PET series with the full-count series of its study "
+                    "(same frame of reference and grid; count fraction from frame durations or "
+                    "counts, else from --pairs) and write SITE_DIR: SUV NIfTI volumes, "
+                    "manifest.csv (pseudonymous subjects, splits by subject, masks blank) and "
+                    "prepare.json (the summary). Nothing that identifies a patient is written or "
+                    "logged. Interrupted runs continue where they stopped when run again.",
+    )
+    p.add_argument("export", metavar="EXPORT_DIR", help="the DICOM export (searched recursively)")
+    p.add_argument("site_dir", metavar="SITE_DIR", help="the site folder to write (must not "
+                   "exist unless --overwrite)")
+    p.add_argument("--pairs", metavar="CSV", help="pairs the headers cannot tell: columns "
+                   "low_count_series_uid, full_count_series_uid, count_level (a fraction)")
+    p.add_argument("--val", type=int, default=1, metavar="N", help="subjects in the validation "
+                   "split (default 1)")
+    p.add_argument("--test", type=int, default=1, metavar="N", help="subjects in the test split "
+                   "(default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split draw (default 0)")
+    p.add_argument("--keep-key", metavar="FILE", help="also write a CSV mapping pseudonyms to "
+                   "StudyInstanceUIDs (identifying: keep it outside the site folder, safe)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing SITE_DIR")
+    p.set_defaults(func=_prepare_site)
 
     p = sub.add_parser(
         "train-local", help="train a model on one site's manifest (no federation)",

@@ -104,3 +104,23 @@ def staged_folder(target: Path) -> Iterator[Path]:
         remove_path(staging)
         _remove_made(made)
         raise
+
+
+def partial_folder(target: Path) -> Path:
+    """Where :func:`resumable_folder` keeps ``target``'s work in progress."""
+    target = Path(target)
+    return target.parent / f".{target.name}.partial"
+
+
+@contextlib.contextmanager
+def resumable_folder(target: Path) -> Iterator[Path]:
+    """Yield a fixed hidden sibling of ``target`` (kept from an interrupted run, else new); on
+    success it replaces ``target``. On an error or interrupt it stays, so that a long job run
+    again continues where it stopped; what it holds must be complete piece by piece (write each
+    piece with :func:`staged_folder` or :func:`staged_file`).
+    """
+    target = Path(target)
+    partial = partial_folder(target)
+    partial.mkdir(parents=True, exist_ok=True)
+    yield partial
+    replace_path(partial, target)

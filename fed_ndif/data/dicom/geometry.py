@@ -58,7 +58,7 @@ def _check_consistent(files: list[DicomFile], keyword: str, values: list[np.ndar
     for f, v in zip(files, values, strict=True):
         if v.shape != values[0].shape or not np.allclose(v, values[0], atol=atol):
             raise FedNdifError(
-                f"inconsistent {keyword} within the series: {files[0].path.name} has "
+                f"inconsistent {keyword} within the series: {files[0].path} has "
                 f"{np.round(values[0], 4).tolist()}, {f.path} has {np.round(v, 4).tolist()}")
 
 

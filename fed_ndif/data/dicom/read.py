@@ -108,10 +108,11 @@ def read_pet_series(
 
 def read_pet_files(
     files: list[DicomFile], *, patient_weight_kg: float | None = None,
-    injected_dose_bq: float | None = None,
+    injected_dose_bq: float | None = None, log_level: int = logging.INFO,
 ) -> tuple[Volume, PetSeriesInfo]:
     """The files of one PET series (found by :func:`select_pet_series` or a scan of a whole
-    export) as a float32 SUV volume; see :func:`read_pet_series`."""
+    export) as a float32 SUV volume; see :func:`read_pet_series`. ``log_level``: of the line
+    that describes the series (a batch of series logs it at DEBUG)."""
     geometry = series_geometry(files)
     ordered = [files[i] for i in geometry.order]
     suv = suv_factors(ordered, weight_kg=patient_weight_kg, dose_bq=injected_dose_bq)
@@ -143,7 +144,7 @@ def read_pet_files(
         raise FedNdifError(f"{ordered[0].path}: StudyInstanceUID is missing")
     volume = Volume(array, geometry.affine)
     dz, dy, dx = volume.spacing
-    log.info("read PET series: %d slices of %dx%d, spacing %.2f x %.2f x %.2f mm, stored in %s, "
-             "decay correction %s (dose decayed to %s)", len(ordered), shape[0], shape[1], dz, dy,
-             dx, suv.source_units, suv.decay_correction or "none", suv.reference)
+    log.log(log_level, "read PET series: %d slices of %dx%d, spacing %.2f x %.2f x %.2f mm, "
+            "stored in %s, decay correction %s (dose decayed to %s)", len(ordered), shape[0],
+            shape[1], dz, dy, dx, suv.source_units, suv.decay_correction or "none", suv.reference)
     return volume, info

@@ -83,9 +83,11 @@ def open_dicom(path: Path, *, force: bool, stop_before_pixels: bool) -> Dataset:
     return ds
 
 
-def _read_header(path: Path, errors: list[tuple[Path, str]] | None = None) -> DicomFile | None:
+def _read_header(path: Path, errors: list[tuple[Path, str]] | None = None, *,
+                 quiet: bool = False) -> DicomFile | None:
     """The header of a DICOM file, None for a non-DICOM file; corrupt PET files are errors
-    (raised, or appended to ``errors`` as (path, reason) when a list is given)."""
+    (raised, or appended to ``errors`` as (path, reason) when a list is given). ``quiet``: log
+    no file names (an export's folder names may name the patient)."""
     try:
         header = pydicom.dcmread(path, stop_before_pixels=True)
         force = False
@@ -118,18 +120,18 @@ def _read_header(path: Path, errors: list[tuple[Path, str]] | None = None) -> Di
                 raise FedNdifError(f"{path}: {reason}")
             errors.append((path, reason))
             return None
-        if media_class != DICOMDIR_STORAGE:
+        if media_class != DICOMDIR_STORAGE and not quiet:
             log.warning("skipping %s: DICOM file without a series (incomplete?)", path)
         return None
     return DicomFile(path, header, force)
 
 
-def scan_folder(folder: Path, errors: list[tuple[Path, str]] | None = None
-                ) -> tuple[list[DicomFile], int]:
+def scan_folder(folder: Path, errors: list[tuple[Path, str]] | None = None, *,
+                quiet: bool = False) -> tuple[list[DicomFile], int]:
     """Headers of every DICOM file under ``folder`` (whatever the names and layout), and the
     number of files looked at. ``errors``: collect unreadable files instead of raising."""
     files = sorted(p for p in folder.rglob("*") if p.is_file())
-    found = [f for f in (_read_header(p, errors) for p in files) if f is not None]
+    found = [f for f in (_read_header(p, errors, quiet=quiet) for p in files) if f is not None]
     return found, len(files)
 
 
@@ -138,14 +140,15 @@ def is_pet_image(f: DicomFile) -> bool:
             and str(f.header.SOPClassUID) == PET_IMAGE_STORAGE)
 
 
-def unique_instances(files: list[DicomFile]) -> list[DicomFile]:
+def unique_instances(files: list[DicomFile], *, quiet: bool = False) -> list[DicomFile]:
     """One file per SOPInstanceUID: the same instance copied twice is harmless."""
     unique: dict[str, DicomFile] = {}
     for f in files:
         sop = str(f.header.get("SOPInstanceUID", f.path))
         if sop in unique:
-            log.warning("%s duplicates %s (same SOPInstanceUID); using one", f.path,
-                        unique[sop].path)
+            if not quiet:
+                log.warning("%s duplicates %s (same SOPInstanceUID); using one", f.path,
+                            unique[sop].path)
             continue
         unique[sop] = f
     return list(unique.values())
