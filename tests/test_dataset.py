@@ -13,7 +13,7 @@ from fed_ndif.data.dataset import SliceStackDataset, stack_indices
 from fed_ndif.data.manifest import read_manifest
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.normalization import Normalization
-from fed_ndif.data.nstd import liver_nstd, measure_liver_nstd
+from fed_ndif.data.nstd import find_liver_voi, liver_nstd
 from fed_ndif.errors import FedNdifError
 from tests.helpers.synthetic import write_site
 
@@ -130,8 +130,10 @@ def test_masks_are_optional_and_the_automatic_liver_voi_gives_nstd(tmp_path, abs
     study = read_manifest(bare)[0]
     assert study.liver_mask is None and study.lesion_mask is None
     ds = SliceStackDataset(bare, split="train", k=1, normalization=Normalization())
-    low = load_nifti(study.low_count)
-    assert ds.studies[0].nstd == pytest.approx(measure_liver_nstd(low)[0], rel=1e-6)
+    # The VOI is found on the full-count scan and measured on the low-count input.
+    voi = find_liver_voi(load_nifti(study.full_count))
+    low = load_nifti(study.low_count).array
+    assert ds.studies[0].nstd == pytest.approx(liver_nstd(low, voi, erode=0), rel=1e-6)
     assert ds.studies[0].nstd == pytest.approx(masked.studies[0].nstd, rel=0.15)
     assert len(ds.studies[0].foreground) > 0  # the hottest voxels stand in for lesions
 

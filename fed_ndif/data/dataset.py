@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from fed_ndif.data.manifest import Study, read_manifest
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.normalization import Normalization
-from fed_ndif.data.nstd import measure_liver_nstd
+from fed_ndif.data.nstd import find_liver_voi, liver_nstd
 from fed_ndif.data.volume import Volume
 from fed_ndif.errors import FedNdifError
 
@@ -59,17 +59,18 @@ class NormalizedStudy:
         return np.argwhere(self.full >= np.quantile(self.full, HOT_QUANTILE)).astype(np.int32)
 
 
-def study_nstd(study: Study, low: Volume) -> float:
-    """The liver NSTD of a study's low-count input: in its liver mask, or, when the manifest
-    leaves the mask blank, in the automatic liver VOI (as ``fed-ndif denoise`` measures it)."""
+def study_nstd(study: Study, low: Volume, full: Volume) -> float:
+    """The liver NSTD of a study's low-count input, in its liver mask or, when the manifest
+    leaves the mask blank, in the automatic liver VOI. The VOI is found on the full-count
+    scan: noise at low counts can hide the liver from the finder, and one VOI then serves
+    every count level of the study (``fed-ndif denoise``, without a full count, finds it on
+    its input)."""
     try:
         if study.liver_mask is None:
-            nstd, how = measure_liver_nstd(low)
-            log.debug("%s: liver NSTD %.3f in the %s", study.low_count.name, nstd, how)
-            return nstd
-        return measure_liver_nstd(low, load_nifti(study.liver_mask).array)[0]
+            return liver_nstd(low.array, find_liver_voi(full), erode=0)
+        return liver_nstd(low.array, load_nifti(study.liver_mask).array)
     except FedNdifError as exc:
-        where = study.liver_mask or study.low_count
+        where = study.liver_mask or study.full_count
         raise FedNdifError(f"{where}: {exc}") from None
 
 
@@ -98,17 +99,17 @@ class SliceStackDataset(Dataset):
             raise FedNdifError(f"{self.manifest}: no studies in split {'/'.join(splits)}"
                                + (f" at count levels {list(count_levels)}" if count_levels else ""))
         self.studies: list[NormalizedStudy] = []
-        full_cache: dict[Path, np.ndarray] = {}
+        full_cache: dict[Path, tuple[Volume, np.ndarray]] = {}
         for study in studies:
             low_volume = load_nifti(study.low_count)
             if study.full_count not in full_cache:
-                full_cache[study.full_count] = normalization.forward(
-                    load_nifti(study.full_count).array)
-            full = full_cache[study.full_count]
+                raw = load_nifti(study.full_count)
+                full_cache[study.full_count] = raw, normalization.forward(raw.array)
+            raw_full, full = full_cache[study.full_count]
             if low_volume.array.shape != full.shape:
                 raise FedNdifError(f"{study.low_count}: shape {low_volume.array.shape} differs "
                                    f"from its full-count volume {full.shape}")
-            nstd = study_nstd(study, low_volume)
+            nstd = study_nstd(study, low_volume, raw_full)
             self.studies.append(NormalizedStudy(
                 study=study, low=normalization.forward(low_volume.array), full=full, nstd=nstd,
                 affine=low_volume.affine))

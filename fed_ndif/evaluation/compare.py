@@ -20,7 +20,7 @@ import numpy as np
 from fed_ndif.checkpoints import load_checkpoint, sampler_config
 from fed_ndif.data.manifest import Study, read_manifest
 from fed_ndif.data.nifti import load_nifti
-from fed_ndif.data.nstd import find_liver_voi, liver_nstd, measure_liver_nstd
+from fed_ndif.data.nstd import find_liver_voi, liver_nstd
 from fed_ndif.data.volume import Volume
 from fed_ndif.errors import FedNdifError
 from fed_ndif.evaluation.filters import TunedFilter, tune_filter
@@ -41,8 +41,8 @@ class TestStudy:
     """A held-out study as evaluation sees it: SUV volumes, masks and voxel spacing.
 
     ``liver`` is the manifest's liver mask or, when it is blank, the automatic liver VOI found
-    on the full-count scan (one VOI for every method, so their liver NSTDs compare); the
-    model's input NSTD is measured as training and ``fed-ndif denoise`` measure it.
+    on the full-count scan, as training finds it (one VOI for every method, so their liver
+    NSTDs compare, and the model's input NSTD is the one it was trained with).
     """
 
     study: Study
@@ -57,9 +57,7 @@ class TestStudy:
 
     @functools.cached_property
     def nstd(self) -> float:
-        if self.automatic_liver:
-            return measure_liver_nstd(Volume(self.low, self.affine))[0]
-        return liver_nstd(self.low, self.liver)
+        return self.liver_nstd(self.low)
 
     def liver_nstd(self, volume: np.ndarray) -> float:
         """NSTD of ``volume`` in this study's liver (an automatic VOI is used as found)."""

@@ -39,6 +39,7 @@ from fed_ndif.checkpoints import (
     save_checkpoint,
 )
 from fed_ndif.data.dataset import SliceStackDataset
+from fed_ndif.data.manifest import read_manifest
 from fed_ndif.errors import FedNdifError
 from fed_ndif.image_metrics import volume_metrics
 from fed_ndif.models.denoise_volume import denoise_volume
@@ -233,12 +234,15 @@ def train_sites(cfg: dict[str, Any], manifests: list[Path], out_dir: Path, *,
                                     count_levels=levels) for m in manifests]
     val_sets = []
     for manifest in manifests:
-        try:
-            val_sets.append(SliceStackDataset(manifest, split="val", k=k,
-                                              normalization=state.normalization,
-                                              count_levels=levels))
-        except FedNdifError:
+        # Only a missing split is skipped: a broken validation study is an error.
+        if not any(s.split == "val" and (levels is None or any(
+                abs(s.count_level - float(c)) < 1e-9 for c in levels))
+                for s in read_manifest(manifest)):
             log.warning("%s: no validation studies; skipping its validation", manifest)
+            continue
+        val_sets.append(SliceStackDataset(manifest, split="val", k=k,
+                                          normalization=state.normalization,
+                                          count_levels=levels))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(state.cfg)))
     batches = _interleaved(state, train_sets)

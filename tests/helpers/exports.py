@@ -97,7 +97,7 @@ def add_ct(root: Path, pet: pydicom.Dataset, index: int, export: Export) -> None
 
 
 def copy_series(subject: Path, scan: str, root: Path, index: int, export: Export, *,
-                edit) -> str:
+                edit, number: int) -> str:
     """Another series made from a simulated one (``edit(ds)`` changes each slice)."""
     new_series = generate_uid()
     for path in sorted((subject / "dicom" / scan).iterdir()):
@@ -105,6 +105,7 @@ def copy_series(subject: Path, scan: str, root: Path, index: int, export: Export
         ds.SeriesInstanceUID = new_series
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.SeriesDescription = "WB 3D"
+        ds.SeriesNumber = number
         export.phi |= plant_identity(ds, index)
         edit(ds)
         ds.save_as(root / _opaque("copy", new_series, path.name), enforce_file_format=True)
