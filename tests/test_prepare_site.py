@@ -86,6 +86,11 @@ def _ambiguous_extra(subject: Path, index: int, export) -> None:
 
 def test_prepares_a_realistic_export_without_phi(simulated, tmp_path, capsys, caplog):
     export = build_export(simulated, tmp_path / "export", extra=_ambiguous_extra)
+    # A PET file cut short in its header, in a folder named after the patient.
+    pet = next(p for p in sorted(export.root.rglob("*")) if p.is_file()
+               and pydicom.dcmread(p, stop_before_pixels=True).Modality == "PT")
+    (export.root / "Kowalczyk^Genowefa0").mkdir()
+    (export.root / "Kowalczyk^Genowefa0" / "IM0").write_bytes(pet.read_bytes()[:400])
     site, key = tmp_path / "site", tmp_path / "key.csv"
     with caplog.at_level(logging.DEBUG):
         assert main(["prepare-site", str(export.root), str(site), "--keep-key", str(key)]) == 0
@@ -108,6 +113,8 @@ def test_prepares_a_realistic_export_without_phi(simulated, tmp_path, capsys, ca
     assert (ambiguous, "not attenuation-corrected (CorrectedImage lacks ATTN)") in reasons
     assert len(summary["skipped"]) == 5  # the non-AC copy; full, 10 %, 25 %, dose-reduced
     assert summary["subjects_per_split"] == {"train": 1, "val": 1, "test": 1}
+    assert len(summary["unreadable_files"]) == 1
+    assert summary["unreadable_files"][0].startswith("a PET DICOM file that is truncated")
     assert "pairs per count level: 10 %: 3, 25 %: 3" in caplog.text
 
     # SUV equals the simulated NIfTI (to the int16 quantization of the DICOM), same grid.
