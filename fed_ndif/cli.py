@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-key", metavar="FILE", help="also write a CSV mapping pseudonyms to "
                    "StudyInstanceUIDs (identifying: keep it outside the site folder, safe)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing SITE_DIR")
-    p.set_defaults(func=_prepare_site)
+    p.set_defaults(func=_prepare_site, resumable=True)
 
     p = sub.add_parser(
         "train-local", help="train a model on one site's manifest (no federation)",
@@ -350,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fed-ndif {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"fed-ndif {args.command}: interrupted; no partial output was kept", file=sys.stderr)
+        kept = ("the work done is kept aside; run the same command again to continue"
+                if getattr(args, "resumable", False) else "no partial output was kept")
+        print(f"fed-ndif {args.command}: interrupted; {kept}", file=sys.stderr)
         return 130
     return 0
 
