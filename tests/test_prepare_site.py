@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -92,10 +93,11 @@ def test_prepares_a_realistic_export_without_phi(simulated, tmp_path, capsys, ca
     (export.root / "Kowalczyk^Genowefa0").mkdir()
     (export.root / "Kowalczyk^Genowefa0" / "IM0").write_bytes(pet.read_bytes()[:400])
     site, key = tmp_path / "site", tmp_path / "key.csv"
-    with caplog.at_level(logging.DEBUG):
+    with caplog.at_level(logging.DEBUG), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         assert main(["prepare-site", str(export.root), str(site), "--keep-key", str(key)]) == 0
     out, err = capsys.readouterr()
-    log_text = (caplog.text + out + err).encode()
+    log_text = (caplog.text + out + err + "".join(str(w.message) for w in caught)).encode()
 
     # Pairing: the ambiguous study is skipped whole, the others paired by frame duration.
     studies = read_manifest(site / "manifest.csv")

@@ -40,6 +40,7 @@ def plant_identity(ds: pydicom.Dataset, index: int) -> set[str]:
     ds.ReferringPhysicianName = "Dr^Wachtel"
     ds.OtherPatientIDs = f"OPID-{index}-X"
     return {str(ds.PatientName), "Kowalczyk", f"Genowefa{index}", ds.PatientID,
+            str(9_400_000 + index),
             ds.PatientBirthDate, ds.AccessionNumber, ds.InstitutionName, "Wachtel",
             ds.OtherPatientIDs, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID,
             ds.FrameOfReferenceUID}

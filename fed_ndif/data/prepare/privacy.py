@@ -8,11 +8,16 @@ patient, so both are replaced before a message is logged or written into the sit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import re
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 UID_PATTERN = re.compile(r"(?<![\w.])\d+(?:\.\d+){3,}(?![\w.])")
 
@@ -51,3 +56,21 @@ def scrub(message: str, paths: Iterable[Path] = (), roots: Iterable[Path] = ()) 
     for root in roots:
         message = message.replace(str(root), "<export>")
     return UID_PATTERN.sub("<uid>", message)
+
+
+@contextlib.contextmanager
+def quiet_dicom_warnings() -> Iterator[None]:
+    """Hold back pydicom's warnings (its validation messages can quote header values, such as
+    a name or an ID) and say only how many there were."""
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        logger.setLevel(level)
+    if caught:
+        log.info("%d warning(s) of the DICOM reader held back (they can quote header values)",
+                 len(caught))

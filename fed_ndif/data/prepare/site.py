@@ -31,7 +31,7 @@ from fed_ndif.data.prepare.pairing import (
     pair_study,
     read_pairs_file,
 )
-from fed_ndif.data.prepare.privacy import Pseudonym, pseudonyms, scrub
+from fed_ndif.data.prepare.privacy import Pseudonym, pseudonyms, quiet_dicom_warnings, scrub
 from fed_ndif.data.prepare.scan import PetSeries, scan_export
 from fed_ndif.data.volume import Volume
 from fed_ndif.errors import FedNdifError
@@ -252,7 +252,18 @@ def prepare_site(export: str | Path, site_dir: str | Path, *, pairs_file: str | 
                  val: int = 1, test: int = 1, seed: int = 0, keep_key: str | Path | None = None,
                  overwrite: bool = False, progress: bool = True) -> PrepareResult:
     """``fed-ndif prepare-site``: pair the export's PET series and write the site folder."""
-    export, site_dir = Path(export), Path(site_dir)
+    with quiet_dicom_warnings():
+        result = _prepare(Path(export), Path(site_dir), pairs_file=pairs_file, val=val,
+                          test=test, seed=seed, keep_key=keep_key, overwrite=overwrite,
+                          progress=progress)
+    for line in result.summary_lines():
+        log.info("%s", line)
+    return result
+
+
+def _prepare(export: Path, site_dir: Path, *, pairs_file: str | Path | None, val: int,
+             test: int, seed: int, keep_key: str | Path | None, overwrite: bool,
+             progress: bool) -> PrepareResult:
     keep_key = Path(keep_key) if keep_key is not None else None
     _check_places(export, site_dir, keep_key, overwrite)
     user = read_pairs_file(Path(pairs_file)) if pairs_file is not None else {}
@@ -306,6 +317,4 @@ def prepare_site(export: str | Path, site_dir: str | Path, *, pairs_file: str | 
         }, indent=1, sort_keys=True) + "\n")
         if keep_key is not None:
             _write_keep_key(keep_key, plans, names)
-    for line in result.summary_lines():
-        log.info("%s", line)
     return result
