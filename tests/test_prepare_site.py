@@ -115,6 +115,7 @@ def test_prepares_a_realistic_export_without_phi(simulated, tmp_path, capsys, ca
     assert (ambiguous, "not attenuation-corrected (CorrectedImage lacks ATTN)") in reasons
     assert len(summary["skipped"]) == 5  # the non-AC copy; full, 10 %, 25 %, dose-reduced
     assert summary["subjects_per_split"] == {"train": 1, "val": 1, "test": 1}
+    assert summary["automatic_liver_voi_failed"] == []  # every full count shows its liver
     assert len(summary["unreadable_files"]) == 1
     assert summary["unreadable_files"][0].startswith("a PET DICOM file that is truncated")
     assert "pairs per count level: 10 %: 3, 25 %: 3" in caplog.text
@@ -275,3 +276,19 @@ def test_evaluation_runs_without_masks(prepared, tmp_path):
                < float(r["liver_nstd"]) for r in rows)
     assert all(r["lesions_ge10"] in ("", "nan") for r in rows)
     assert (out / "report.md").is_file()
+
+
+def test_studies_without_an_automatic_liver_voi_are_named(simulated, tmp_path, monkeypatch,
+                                                          caplog):
+    export = build_export(simulated, tmp_path / "export")
+
+    def no_liver(volume):
+        raise site_module.FedNdifError("automatic liver VOI: no body found")
+
+    monkeypatch.setattr(site_module, "find_liver_voi", no_liver)
+    with caplog.at_level(logging.INFO):
+        site_module.prepare_site(export.root, tmp_path / "site", progress=False)
+    summary = json.loads((tmp_path / "site" / "prepare.json").read_text())
+    assert [f["reason"] for f in summary["automatic_liver_voi_failed"]] == [
+        "automatic liver VOI: no body found"] * 4
+    assert "studies without an automatic liver VOI (give their rows a liver_mask" in caplog.text

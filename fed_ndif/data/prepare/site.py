@@ -25,6 +25,7 @@ from tqdm import tqdm
 from fed_ndif.data.dicom.read import read_pet_files
 from fed_ndif.data.manifest import MANIFEST_NAME, SPLITS, write_manifest
 from fed_ndif.data.nifti import save_nifti
+from fed_ndif.data.nstd import find_liver_voi
 from fed_ndif.data.prepare.pairing import (
     Pair,
     check_pairs_file,
@@ -75,6 +76,7 @@ class PrepareResult:
     skipped: list[SkipNote]
     unreadable: list[str]
     splits: dict[str, int] = field(default_factory=dict)
+    no_liver: dict[str, str] = field(default_factory=dict)  # study -> why no automatic VOI
 
     def summary_lines(self) -> list[str]:
         subjects = len({r["subject"] for r in self.rows})
@@ -86,6 +88,10 @@ class PrepareResult:
                      f"{100 * lv:g} %: {n}" for lv, n in sorted(self.pairs_per_level.items()))]
         lines.append(f"skipped series: {len(self.skipped)}")
         lines += [f"  {note.line()}" for note in self.skipped]
+        if self.no_liver:
+            lines.append(f"studies without an automatic liver VOI (give their rows a "
+                         f"liver_mask before training): {len(self.no_liver)}")
+            lines += [f"  {study}: {reason}" for study, reason in self.no_liver.items()]
         if self.unreadable:
             lines.append(f"unreadable files: {len(self.unreadable)}")
             lines += [f"  {reason}: {n} file(s)" for reason, n in Counter(self.unreadable).items()]
@@ -184,7 +190,7 @@ def _read(series: PetSeries, roots: list[Path]) -> Volume:
 
 def _write_study(plan: StudyPlan, folder: Path, roots: list[Path]) -> dict:
     """Convert one study into ``folder`` (staged); returns its record (rows, skipped)."""
-    record = {"fingerprint": plan.fingerprint(), "files": [], "skipped": []}
+    record = {"fingerprint": plan.fingerprint(), "files": [], "skipped": [], "liver": None}
     with staged_folder(folder) as staging:
         try:
             full = _read(plan.full, roots)
@@ -193,6 +199,10 @@ def _write_study(plan: StudyPlan, folder: Path, roots: list[Path]) -> dict:
             record["skipped"] = [[pair.low.label, reason] for pair, _ in plan.pairs]
             return record
         save_nifti(full, staging / FULL_NAME)
+        try:
+            find_liver_voi(full)  # what training and evaluation will need without a mask
+        except FedNdifError as exc:
+            record["liver"] = str(exc)
         for pair, name in plan.pairs:
             try:
                 low = _read(pair.low, roots)
@@ -285,12 +295,15 @@ def _prepare(export: Path, site_dir: Path, *, pairs_file: str | Path | None, val
     if partial.exists():
         log.info("continuing an interrupted preparation (%s)", partial.name)
     rows: list[dict[str, str]] = []
+    no_liver: dict[str, str] = {}
     with resumable_folder(site_dir) as stage:
         for plan in tqdm(plans, desc="preparing studies", unit="study", disable=not progress):
             folder = stage / plan.name.subject / plan.name.study
             record = _study_record(plan, folder, roots)
             notes += [SkipNote(plan.name.folder, label, reason)
                       for label, reason in record["skipped"]]
+            if record.get("liver") and record["files"]:
+                no_liver[plan.name.folder] = record["liver"]
             for name, level, _how in record["files"]:
                 rows.append({"subject": plan.name.subject, "count_level": f"{level:g}",
                              "low_count": f"{plan.name.folder}/{name}",
@@ -304,7 +317,7 @@ def _prepare(export: Path, site_dir: Path, *, pairs_file: str | Path | None, val
         write_manifest(stage / MANIFEST_NAME, rows)
         result = PrepareResult(
             site_dir, rows, dict(Counter(float(r["count_level"]) for r in rows)), notes,
-            unreadable, _split_counts(split, rows))
+            unreadable, _split_counts(split, rows), no_liver)
         (stage / SUMMARY_NAME).write_text(json.dumps({
             "pairs_per_count_level": {f"{k:g}": v for k, v in sorted(
                 result.pairs_per_level.items())},
@@ -312,6 +325,8 @@ def _prepare(export: Path, site_dir: Path, *, pairs_file: str | Path | None, val
             "skipped": [{"study": n.where, "series": n.series, "reason": n.reason}
                         for n in notes],
             "unreadable_files": unreadable,
+            "automatic_liver_voi_failed": [{"study": k, "reason": v}
+                                           for k, v in no_liver.items()],
             "options": {"val": val, "test": test, "seed": seed,
                         "pairs_file": pairs_file is not None},
         }, indent=1, sort_keys=True) + "\n")
