@@ -16,6 +16,8 @@ import numpy as np
 import pydicom
 import pytest
 from flwr.app import Context, RecordDict
+from pydicom.fileset import FileSet
+from pydicom.uid import ImplicitVRLittleEndian, JPEGLSLossless, RLELossless
 
 import fed_ndif.data.prepare.site as site_module
 from fed_ndif.cli import main
@@ -292,3 +294,42 @@ def test_studies_without_an_automatic_liver_voi_are_named(simulated, tmp_path, m
     assert [f["reason"] for f in summary["automatic_liver_voi_failed"]] == [
         "automatic liver VOI: no body found"] * 4
     assert "studies without an automatic liver VOI (give their rows a liver_mask" in caplog.text
+
+
+def test_a_dicomdir_export_with_mixed_transfer_syntaxes(simulated, tmp_path):
+    """One subject through a DICOMDIR tree: the 10 % series RLE, the 25 % series JPEG-LS,
+    the full count implicit VR without preamble; SUV still equals the simulated volumes."""
+    flat = tmp_path / "flat"
+    export = build_export(simulated, flat)
+    study = export.study_of["sub-001"]
+    syntaxes = {export.series[("sub-001", "low_count_10pct")]: RLELossless,
+                export.series[("sub-001", "low_count_25pct")]: JPEGLSLossless}
+    fileset = FileSet()
+    for path in sorted(p for p in flat.rglob("*") if p.is_file()):
+        ds = pydicom.dcmread(path)
+        if ds.StudyInstanceUID != study:
+            continue
+        if ds.SeriesInstanceUID in syntaxes:
+            ds.compress(syntaxes[ds.SeriesInstanceUID])
+        fileset.add(ds)
+    fileset.write(tmp_path / "export")
+    full_uid = export.series[("sub-001", "full_count")]
+    for path in (tmp_path / "export").rglob("IM*"):
+        ds = pydicom.dcmread(path)
+        if ds.SeriesInstanceUID == full_uid:
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+            ds.save_as(path, implicit_vr=True, enforce_file_format=True)
+            path.write_bytes(path.read_bytes()[132:])
+    assert (tmp_path / "export" / "DICOMDIR").is_file()
+    site = tmp_path / "site"
+    assert main(["prepare-site", str(tmp_path / "export"), str(site), "--val", "0",
+                 "--test", "0"]) == 0
+    studies = read_manifest(site / "manifest.csv")
+    assert sorted(s.count_level for s in studies) == [0.1, 0.25]
+    for study_row in studies:
+        for prepared, original in ((study_row.full_count, "full_count"), (
+                study_row.low_count, f"low_count_{study_row.count_level * 100:g}pct")):
+            got = load_nifti(prepared)
+            want = load_nifti(simulated / "sub-001" / f"{original}.nii.gz")
+            np.testing.assert_allclose(got.affine, want.affine, atol=1e-5)
+            assert np.all(np.abs(got.array - want.array) <= _quantization_bound(want.array))
