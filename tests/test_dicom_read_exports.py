@@ -14,6 +14,8 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLSLossless,
@@ -57,6 +59,27 @@ def test_lossless_compressed_transfer_syntaxes(tmp_path, syntax):
         ds.save_as(path, enforce_file_format=True)
 
     _rewrite(made.paths, compress)
+    assert pydicom.dcmread(made.paths[0]).file_meta.TransferSyntaxUID == syntax
+    volume, _ = read_pet_series(tmp_path)
+    _check_geometry_and_values(volume, made, suv_factor_start(made.spec, HOUR))
+
+
+@pytest.mark.parametrize("syntax", [DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian],
+                         ids=["deflated", "big-endian"])
+def test_uncompressed_transfer_syntaxes_pacs_still_send(tmp_path, syntax):
+    made = make_series(tmp_path / "pet")
+
+    def rewrite(ds, path):
+        if syntax == ExplicitVRBigEndian:
+            # Big endian pixels: the stored words byte-swapped (dcmwrite leaves OW as it is).
+            ds.PixelData = ds.pixel_array.astype(">i2").tobytes()
+            ds.file_meta.TransferSyntaxUID = syntax
+            pydicom.filewriter.dcmwrite(path, ds, enforce_file_format=True)
+        else:
+            ds.file_meta.TransferSyntaxUID = syntax
+            ds.save_as(path, enforce_file_format=True)
+
+    _rewrite(made.paths, rewrite)
     assert pydicom.dcmread(made.paths[0]).file_meta.TransferSyntaxUID == syntax
     volume, _ = read_pet_series(tmp_path)
     _check_geometry_and_values(volume, made, suv_factor_start(made.spec, HOUR))

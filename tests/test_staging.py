@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from fed_ndif.staging import staged_file, staged_folder
+from fed_ndif.staging import partial_folder, resumable_folder, staged_file, staged_folder
 
 
 def _mode(path) -> int:
@@ -50,3 +50,19 @@ def test_outputs_get_the_permissions_of_any_new_file(tmp_path):
         os.umask(old)
     assert _mode(tmp_path / "folder") == 0o755
     assert _mode(tmp_path / "file.txt") == 0o644
+
+
+def test_resumable_folder_keeps_work_after_a_failure_and_renames_when_done(tmp_path):
+    target = tmp_path / "site"
+    with pytest.raises(KeyboardInterrupt), resumable_folder(target) as work:
+        (work / "done-1").write_text("1")
+        raise KeyboardInterrupt
+    assert not target.exists() and (partial_folder(target) / "done-1").is_file()
+    with resumable_folder(target) as work:
+        assert (work / "done-1").read_text() == "1"  # picked up again
+        (work / "done-2").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["done-1", "done-2"]
+    assert not partial_folder(target).exists()
+    with resumable_folder(target) as work:  # replaces an existing target once complete
+        (work / "new").write_text("n")
+    assert [p.name for p in target.iterdir()] == ["new"]
