@@ -333,3 +333,28 @@ def test_a_dicomdir_export_with_mixed_transfer_syntaxes(simulated, tmp_path):
             want = load_nifti(simulated / "sub-001" / f"{original}.nii.gz")
             np.testing.assert_allclose(got.affine, want.affine, atol=1e-5)
             assert np.all(np.abs(got.array - want.array) <= _quantization_bound(want.array))
+
+
+def test_a_series_that_cannot_become_suv_is_skipped_with_its_reason(simulated, tmp_path,
+                                                                    caplog):
+    export = build_export(simulated, tmp_path / "export")
+    full_uid = export.series[("sub-002", "full_count")]
+    for path in export.root.rglob("*"):
+        if path.is_file():
+            ds = pydicom.dcmread(path)
+            if ds.SeriesInstanceUID == full_uid:
+                del ds.PatientWeight
+                ds.save_as(path, enforce_file_format=True)
+    with caplog.at_level(logging.INFO):
+        result = site_module.prepare_site(export.root, tmp_path / "site", progress=False,
+                                          keep_key=tmp_path / "key.csv")
+    study = {uid: name for name, uid in _key(tmp_path / "key.csv").items()}[
+        export.study_of["sub-002"]]
+    assert len(result.rows) == 6 and study not in {r["full_count"][:-17] for r in result.rows}
+    notes = [n for n in result.skipped if n.where == study]
+    assert [n.series for n in notes] == ["series 1 (48 images)", "series 2 (48 images)",
+                                         "series 3 (48 images)"]
+    assert notes[0].reason.startswith("cannot be read: PatientWeight (0010,1030) is missing")
+    assert [n.reason for n in notes[1:]] == ["its full-count series 1 (48 images) cannot be "
+                                             "read"] * 2
+    assert f"{study} series 1 (48 images): cannot be read: PatientWeight" in caplog.text

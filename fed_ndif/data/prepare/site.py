@@ -164,7 +164,8 @@ def _plan(studies: dict[str, list[PetSeries]], names: dict[str, Pseudonym], user
             # Two acquisitions in one study (e.g. two bed positions or two scans): each gets
             # its own study folder.
             log.debug("%s: %d full-count series", name.folder, len(by_full))
-        for k, full_uid in enumerate(sorted(by_full, key=lambda u: by_full[u][0].full.number or 0)):
+        fulls = sorted(by_full, key=lambda u: (by_full[u][0].full.number or 0, u))
+        for k, full_uid in enumerate(fulls):
             own = Pseudonym(name.subject, name.study if k == 0 else f"{name.study}-{k + 1}")
             named, used = [], Counter()
             for pair in sorted(by_full[full_uid], key=lambda p: (-p.level, p.low.number or 0)):
@@ -195,8 +196,9 @@ def _write_study(plan: StudyPlan, folder: Path, roots: list[Path]) -> dict:
         try:
             full = _read(plan.full, roots)
         except _SkipStudy as exc:
-            reason = f"its full-count {plan.full.label} cannot be read: {exc}"
-            record["skipped"] = [[pair.low.label, reason] for pair, _ in plan.pairs]
+            reason = f"its full-count {plan.full.label} cannot be read"
+            record["skipped"] = [[plan.full.label, f"cannot be read: {exc}"]] + [
+                [pair.low.label, reason] for pair, _ in plan.pairs]
             return record
         save_nifti(full, staging / FULL_NAME)
         try:
