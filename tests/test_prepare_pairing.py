@@ -1,15 +1,22 @@
-"""Pairing rules on hand-made series summaries: what decides, what is skipped (never guessed)."""
+"""Pairing rules on hand-made series summaries (what decides, what is skipped, never guessed),
+pseudonyms, message scrubbing, and what the export scan keeps of each header."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pydicom
 import pytest
 
+from fed_ndif.data.dicom import read_pet_series
+from fed_ndif.data.dicom.read import read_pet_files
 from fed_ndif.data.prepare.pairing import check_pairs_file, pair_study, read_pairs_file
 from fed_ndif.data.prepare.privacy import pseudonyms, scrub
-from fed_ndif.data.prepare.scan import PetSeries
+from fed_ndif.data.prepare.scan import PetSeries, scan_export
 from fed_ndif.errors import FedNdifError
+from tests.helpers.dicom_factory import SeriesSpec, make_series
+from tests.test_dicom_read_exports import _philips
 
 GRID = ("grid-a",)
 KEYS = [0, 60, 120, 180]
@@ -144,3 +151,18 @@ def test_scrub_removes_paths_and_uids():
     assert "DOE" not in clean and "1.2.840" not in clean
     assert clean == ("<file>: inconsistent PixelSpacing: <file> has [1] in series <uid> "
                      "(SUV 2.5, version 1.2)")
+
+
+def test_scan_keeps_what_suv_needs_and_drops_private_blobs(tmp_path):
+    made = make_series(tmp_path / "pet", SeriesSpec(units="CNTS"))
+    _philips(made, 0x09, [0.5 + 0.1 * k for k in range(made.spec.nz)])
+    for path in made.paths:
+        ds = pydicom.dcmread(path)
+        ds.private_block(0x0029, "SOME VENDOR", create=True).add_new(0x10, "OB", b"\0" * 4096)
+        ds.save_as(path, enforce_file_format=True)
+    scan = scan_export(tmp_path, progress=False)
+    [series] = [s for study in scan.studies.values() for s in study]
+    assert all((0x0029, 0x1010) not in f.header for f in series.files)
+    volume, _ = read_pet_files(series.files)
+    expected, _ = read_pet_series(tmp_path)
+    np.testing.assert_array_equal(volume.array, expected.array)

@@ -83,7 +83,7 @@ def open_dicom(path: Path, *, force: bool, stop_before_pixels: bool) -> Dataset:
     return ds
 
 
-def _read_header(path: Path, errors: list[tuple[Path, str]] | None = None, *,
+def read_header(path: Path, errors: list[tuple[Path, str]] | None = None, *,
                  quiet: bool = False) -> DicomFile | None:
     """The header of a DICOM file, None for a non-DICOM file; corrupt PET files are errors
     (raised, or appended to ``errors`` as (path, reason) when a list is given). ``quiet``: log
@@ -126,12 +126,17 @@ def _read_header(path: Path, errors: list[tuple[Path, str]] | None = None, *,
     return DicomFile(path, header, force)
 
 
+def files_under(folder: Path) -> list[Path]:
+    """Every file under ``folder``, in a fixed order (names and layout mean nothing)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
 def scan_folder(folder: Path, errors: list[tuple[Path, str]] | None = None, *,
                 quiet: bool = False) -> tuple[list[DicomFile], int]:
     """Headers of every DICOM file under ``folder`` (whatever the names and layout), and the
     number of files looked at. ``errors``: collect unreadable files instead of raising."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    found = [f for f in (_read_header(p, errors, quiet=quiet) for p in files) if f is not None]
+    files = files_under(folder)
+    found = [f for f in (read_header(p, errors, quiet=quiet) for p in files) if f is not None]
     return found, len(files)
 
 

@@ -13,12 +13,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from fed_ndif.data.dicom.series import DicomFile, pet_series, scan_folder, unique_instances
+from fed_ndif.data.dicom.series import (
+    DicomFile,
+    files_under,
+    pet_series,
+    read_header,
+    unique_instances,
+)
+from fed_ndif.data.dicom.suv import PHILIPS_ACTIVITY_FACTOR, PHILIPS_SUV_FACTOR
 from fed_ndif.errors import FedNdifError
 
 log = logging.getLogger(__name__)
 
+PHILIPS_GROUP = 0x7053
 # Positions and spacings are compared at this precision (mm) when deciding "same geometry".
 GEOMETRY_MM = 0.05
 
@@ -131,12 +140,33 @@ class ExportScan:
     unreadable: list[tuple[Path, str]]  # (file, reason): corrupt files, never silently lost
 
 
-def scan_export(export: Path) -> ExportScan:
+def _slim(f: DicomFile) -> DicomFile:
+    """Drop what a large export need not keep in memory: private elements (some vendors store
+    whole files in them) but for the Philips scale factors, and icons."""
+    header = f.header
+    for element in list(header):
+        tag = element.tag
+        if tag.is_private and not (tag.group == PHILIPS_GROUP and (
+                tag.element < 0x100 or tag.element & 0xFF in (PHILIPS_SUV_FACTOR,
+                                                                PHILIPS_ACTIVITY_FACTOR))):
+            del header[tag]
+    if "IconImageSequence" in header:
+        del header.IconImageSequence
+    return f
+
+
+def scan_export(export: Path, *, progress: bool = True) -> ExportScan:
     """Every PET series under ``export``, grouped by study; other modalities are counted."""
     if not export.is_dir():
         raise FedNdifError(f"{export}: no such folder (the DICOM export to prepare)")
     unreadable: list[tuple[Path, str]] = []
-    files, n_files = scan_folder(export, unreadable, quiet=True)
+    paths = files_under(export)
+    files = []
+    for path in tqdm(paths, desc="reading headers", unit="file", disable=not progress):
+        found = read_header(path, unreadable, quiet=True)
+        if found is not None:
+            files.append(_slim(found))
+    n_files = len(paths)
     if n_files == 0:
         raise FedNdifError(f"{export}: the folder is empty; expected a DICOM export")
     if not files:

@@ -279,7 +279,7 @@ def _prepare(export: Path, site_dir: Path, *, pairs_file: str | Path | None, val
     keep_key = Path(keep_key) if keep_key is not None else None
     _check_places(export, site_dir, keep_key, overwrite)
     user = read_pairs_file(Path(pairs_file)) if pairs_file is not None else {}
-    scan = scan_export(export)
+    scan = scan_export(export, progress=progress)
     known = {s.uid: s for series in scan.studies.values() for s in series}
     if user:
         check_pairs_file(user, known, Path(pairs_file))
