@@ -162,7 +162,9 @@ def scan_export(export: Path, *, progress: bool = True) -> ExportScan:
     unreadable: list[tuple[Path, str]] = []
     paths = files_under(export)
     files = []
-    for path in tqdm(paths, desc="reading headers", unit="file", disable=not progress):
+    # disable=None: a bar only on a terminal (not in log files, nor around an error line).
+    bar = tqdm(paths, desc="reading headers", unit="file", disable=None if progress else True)
+    for path in bar:
         found = read_header(path, unreadable, quiet=True)
         if found is not None:
             files.append(_slim(found))

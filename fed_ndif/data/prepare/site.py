@@ -299,7 +299,9 @@ def _prepare(export: Path, site_dir: Path, *, pairs_file: str | Path | None, val
     rows: list[dict[str, str]] = []
     no_liver: dict[str, str] = {}
     with resumable_folder(site_dir) as stage:
-        for plan in tqdm(plans, desc="preparing studies", unit="study", disable=not progress):
+        bar = tqdm(plans, desc="preparing studies", unit="study",
+                   disable=None if progress else True)  # a bar only on a terminal
+        for plan in bar:
             folder = stage / plan.name.subject / plan.name.study
             record = _study_record(plan, folder, roots)
             notes += [SkipNote(plan.name.folder, label, reason)
