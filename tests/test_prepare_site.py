@@ -354,7 +354,8 @@ def test_a_series_that_cannot_become_suv_is_skipped_with_its_reason(simulated, t
     notes = [n for n in result.skipped if n.where == study]
     assert [n.series for n in notes] == ["series 1 (48 images)", "series 2 (48 images)",
                                          "series 3 (48 images)"]
-    assert notes[0].reason.startswith("cannot be read: PatientWeight (0010,1030) is missing")
+    assert notes[0].reason == ("cannot be read: PatientWeight (0010,1030) is missing or zero; "
+                               "the export must carry the patient's weight")
     assert [n.reason for n in notes[1:]] == ["its full-count series 1 (48 images) cannot be "
                                              "read"] * 2
     assert f"{study} series 1 (48 images): cannot be read: PatientWeight" in caplog.text

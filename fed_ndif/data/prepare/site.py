@@ -15,6 +15,7 @@ import csv
 import hashlib
 import json
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,11 +182,16 @@ class _SkipStudy(Exception):
     pass
 
 
+# The reader's advice to pass --weight/--dose: prepare-site takes both from the files only.
+_SUPPLY_OPTION = re.compile(r"; supply (.*?) with --(weight|dose) [A-Z]+")
+
+
 def _read(series: PetSeries, roots: list[Path]) -> Volume:
     try:
         volume, _ = read_pet_files(series.files, log_level=logging.DEBUG)
     except FedNdifError as exc:
-        raise _SkipStudy(scrub(str(exc), [f.path for f in series.files], roots)) from None
+        reason = _SUPPLY_OPTION.sub(r"; the export must carry \1", str(exc))
+        raise _SkipStudy(scrub(reason, [f.path for f in series.files], roots)) from None
     return volume
 
 
