@@ -54,8 +54,11 @@ def test_seeds_give_identical_runs(train_set, kind):
         np.testing.assert_array_equal(value, runs[1][1][name])
 
 
-def test_checkpoint_round_trip_and_exact_resume(train_set, tmp_path):
-    bundle = build_state(tiny_cfg())
+@pytest.mark.parametrize("insert_lesions", [0.0, 0.5])
+def test_checkpoint_round_trip_and_exact_resume(train_set, tmp_path, insert_lesions):
+    cfg = tiny_cfg()
+    cfg["train"]["insert_lesions"] = {"probability": insert_lesions}
+    bundle = build_state(cfg)
     train_steps(bundle, make_train_batches(bundle, train_set), 3)
     path = tmp_path / "ckpt.pt"
     save_checkpoint(bundle, path)

@@ -46,6 +46,7 @@ class NormalizedStudy:
     full: np.ndarray  # normalized (z, y, x)
     nstd: float
     affine: np.ndarray
+    spacing: tuple[float, float, float]  # voxel size in mm (z, y, x)
 
     @functools.cached_property
     def foreground(self) -> np.ndarray:
@@ -59,7 +60,8 @@ class NormalizedStudy:
 
 
 class SliceStackDataset(Dataset):
-    """Items: ``{"low": (2k+1, H, W), "nstd": (), "full": (1, H, W)}``, float32 tensors.
+    """Items: ``{"low": (2k+1, H, W), "nstd": (), "full": (1, H, W), "spacing": (3,)}``, float32
+    tensors (``spacing``: voxel size in mm, z, y, x).
 
     One item per axial slice of every study in the chosen split(s): ``dataset[j]`` is slice
     ``j`` whole, ``dataset[(j, y0, x0, size)]`` its ``size`` x ``size`` patch at (y0, x0)
@@ -100,7 +102,7 @@ class SliceStackDataset(Dataset):
                 raise FedNdifError(f"{study.liver_mask}: {exc}") from None
             self.studies.append(NormalizedStudy(
                 study=study, low=normalization.forward(low_volume.array), full=full, nstd=nstd,
-                affine=low_volume.affine))
+                affine=low_volume.affine, spacing=low_volume.spacing))
         shapes = {s.low.shape[1:] for s in self.studies}
         if len(shapes) > 1:
             raise FedNdifError(f"{self.manifest}: studies have different in-plane matrices "
@@ -132,4 +134,5 @@ class SliceStackDataset(Dataset):
         idx = stack_indices(z, k=self.k, depth=s.low.shape[0])
         return {"low": torch.from_numpy(np.ascontiguousarray(s.low[idx][window])),
                 "nstd": torch.tensor(s.nstd, dtype=torch.float32),
-                "full": torch.from_numpy(np.ascontiguousarray(s.full[z:z + 1][window]))}
+                "full": torch.from_numpy(np.ascontiguousarray(s.full[z:z + 1][window])),
+                "spacing": torch.tensor(s.spacing, dtype=torch.float32)}

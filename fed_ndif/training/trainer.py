@@ -44,6 +44,7 @@ from fed_ndif.image_metrics import volume_metrics
 from fed_ndif.models.denoise_volume import denoise_volume
 from fed_ndif.models.diffusion import pixel_loss
 from fed_ndif.models.sampling import SamplerConfig
+from fed_ndif.training.augment import BODY_SUV, LesionInsertion, insert_lesions
 from fed_ndif.training.batches import SEED_STRIDE, batch_sampler
 
 log = logging.getLogger(__name__)
@@ -66,12 +67,25 @@ def _step_generator(state: TrainingState) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _insertion_generator(state: TrainingState) -> torch.Generator:
+    """Its own stream, so turning lesion insertion on leaves every other draw of a step as it
+    was."""
+    seed = (int(state.cfg["train"]["seed"]) * SEED_STRIDE + state.step + 1) * 2 + 1
+    return torch.Generator().manual_seed(seed % (2**63))
+
+
 def train_step(state: TrainingState, batch: dict[str, torch.Tensor]) -> float:
     """One optimizer step on one batch; returns the loss."""
     train = state.cfg["train"]
     generator = _step_generator(state)
-    low = batch["low"].to(state.device)
-    full = batch["full"].to(state.device)
+    low, full = batch["low"], batch["full"]
+    insertion = LesionInsertion.from_config(train)
+    if insertion.probability > 0:
+        body_level = float(state.normalization.forward(np.float32(BODY_SUV)))
+        low, full = insert_lesions(low, full, batch["spacing"], settings=insertion,
+                                   body_level=body_level,
+                                   generator=_insertion_generator(state))
+    low, full = low.to(state.device), full.to(state.device)
     nstd = batch["nstd"].to(state.device)
     if train.get("augment_flip", False):
         flip = (torch.rand(low.shape[0], generator=generator) < 0.5).to(state.device)
