@@ -85,7 +85,7 @@ def test_draws_depend_on_the_generator_only():
     first = _insert(low, full, spacing, probability=0.5, seed=7)
     again = _insert(low, full, spacing, probability=0.5, seed=7)
     other = _insert(low, full, spacing, probability=0.5, seed=8)
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not torch.equal(first[1], other[1])
 
 

@@ -67,6 +67,16 @@ def test_evaluate_scores_input_filters_and_models_on_the_test_split(site, tmp_pa
     psnr = np.mean([float(r["psnr"]) for r in rows if r["method"] == "mine"])
     assert f"{psnr:.2f}" in report
     assert main(["evaluate", str(manifest), str(out)]) == 2  # not empty: refused
+    paired = tmp_path / "paired"
+    assert main(["evaluate", str(manifest), str(paired), "--no-filters", "--model",
+                 f"mine={root / 'global' / 'last.pt'}", "--reference", "mine"]) == 0
+    report = (paired / "report.md").read_text()
+    assert "Paired differences against mine" in report
+    assert "too few for a CI" in report  # the tiny site has one test subject
+    assert (paired / "figures" / "paired_differences.png").is_file()
+    assert main(["evaluate", str(manifest), str(tmp_path / "y"), "--model",
+                 f"mine={root / 'global' / 'last.pt'}", "--reference", "gaussian"]) == 2
+    assert "--reference gaussian: not one of the --model names" in capsys.readouterr().err
     assert main(["evaluate", str(manifest), str(tmp_path / "x"), "--model", "bad"]) == 2
     assert "NAME=CHECKPOINT" in capsys.readouterr().err
 

@@ -70,3 +70,24 @@ def test_too_few_subjects_have_no_interval_and_missing_methods_none_at_all():
                              higher_is_better=True).verdict == "n/a"
     assert paired_difference(_rows([1.0]), "other", "ref", "psnr",
                              higher_is_better=True).subjects == 0
+
+
+def test_per_site_sections_and_the_figure_show_where_a_method_wins(tmp_path):
+    from fed_ndif.evaluation.paired import figure_paired_differences, paired_sections
+
+    # "new" is clearly better at site a and no different at site b.
+    rows = _rows([1.0, 1.2, 0.9, 1.1], site="a") + _rows([0.3, -0.4, 0.2, -0.2], site="b")
+    labels = {"new": "New", "ref": "Ref"}
+    text = "\n".join(paired_sections(rows, ["ref", "new"], "ref", labels))
+    assert "Paired differences against Ref" in text
+    site_a = text.split("### a alone")[1].split("### b alone")[0]
+    site_b = text.split("### b alone")[1]
+    row_a = next(line for line in site_a.splitlines() if line.startswith("| New"))
+    row_b = next(line for line in site_b.splitlines() if line.startswith("| New"))
+    assert "better" in row_a and "no difference" in row_b
+    png = tmp_path / "paired.png"
+    assert figure_paired_differences(rows, ["ref", "new"], "ref", labels, png)
+    assert png.stat().st_size > 1000
+    # One site only: no per-site repeats of the same table.
+    assert "alone" not in "\n".join(paired_sections(_rows([1.0, 1.1, 0.9]), ["ref", "new"],
+                                                    "ref", labels))
