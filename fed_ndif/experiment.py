@@ -36,6 +36,7 @@ from fed_ndif.checkpoints import (
     latest_global_checkpoint,
     read_checkpoint,
 )
+from fed_ndif.data.dataset import held_out_levels
 from fed_ndif.data.manifest import MANIFEST_NAME
 from fed_ndif.errors import FedNdifError
 from fed_ndif.evaluation.compare import (
@@ -242,8 +243,9 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
     # physical best for.
     order = [shown for name in methods
              for shown in ((name, "noise_free") if name == "input" else (name,))]
+    held_out = {site: held_out_levels(cfg.data, site) for site in sites}
     return write_report(out_dir, rows, order, curves=curves, notes=notes, figures=figures,
-                        budgets=budgets)
+                        budgets=budgets, held_out=held_out)
 
 
 def _selection_notes(folder: Path, sites: list[str]) -> list[str]:
@@ -290,8 +292,9 @@ def score_test_splits(cfg: DictConfig, out_dir: Path, sites: list[str],
             figures.append(figure)
             continue
         rows = [r for r in rows if r["site"] != site]
-        studies = load_studies(manifests[site], "test",
-                               count_levels=cfg.compare.count_levels or None,
+        levels = list(cfg.compare.count_levels or [])
+        levels += [c for c in held_out_levels(cfg.data, site) if levels]
+        studies = load_studies(manifests[site], "test", count_levels=levels or None,
                                max_subjects=cfg.compare.max_test_subjects or None)
         site_methods: list[Method] = []
         filters = {m.name: m for m in tuned_filters(manifests[site])} if {

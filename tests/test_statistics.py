@@ -91,3 +91,19 @@ def test_per_site_sections_and_the_figure_show_where_a_method_wins(tmp_path):
     # One site only: no per-site repeats of the same table.
     assert "alone" not in "\n".join(paired_sections(_rows([1.0, 1.1, 0.9]), ["ref", "new"],
                                                     "ref", labels))
+
+
+def test_a_held_out_level_gets_its_own_section_and_stays_out_of_the_others(tmp_path):
+    from fed_ndif.evaluation.report import write_report
+
+    rows = []
+    for level, gain in ((0.1, 1.0), (0.05, -2.0)):
+        for row in _rows([gain, gain + 0.1, gain - 0.1]):
+            rows.append({**row, "count_level": level, "label": row["method"], "ssim": 0.9,
+                         "nmse": 0.01, "liver_nstd": 0.1, "full_count_liver_nstd": 0.1})
+    (tmp_path / "figures").mkdir()
+    report = write_report(tmp_path, rows, ["ref", "new"], curves={}, notes=[], figures=[],
+                          reference="ref", held_out={"a": (0.05,)}).read_text()
+    main, held = report.split("## A count level the site never trained on: a at 5 %")
+    assert "+1.00 [" in main and "-2.00" not in main.split("## Per site")[0]
+    assert "-2.00 [" in held and "worse" in held

@@ -32,6 +32,13 @@ SPLITS = ("train", "val", "test")
 HOT_QUANTILE = 0.999
 
 
+def held_out_levels(data: dict, site: str) -> tuple[float, ...]:
+    """The count levels an experiment keeps out of ``site``'s training and validation
+    (``data.held_out_levels``), to see whether the noise embedding carries to a level the site
+    never trained on."""
+    return tuple(float(c) for c in (data.get("held_out_levels") or {}).get(site, ()))
+
+
 def stack_indices(z: int, *, k: int, depth: int) -> np.ndarray:
     """Slice indices of the 2k+1 stack around ``z``; at the ends the edge slice is repeated."""
     return np.clip(np.arange(z - k, z + k + 1), 0, depth - 1)
@@ -71,7 +78,8 @@ class SliceStackDataset(Dataset):
 
     def __init__(self, manifest: str | Path, *, split: str | tuple[str, ...] = "train", k: int,
                  normalization: Normalization,
-                 count_levels: tuple[float, ...] | list[float] | None = None) -> None:
+                 count_levels: tuple[float, ...] | list[float] | None = None,
+                 exclude_levels: tuple[float, ...] = ()) -> None:
         self.manifest = Path(manifest)
         self.k = k
         self.normalization = normalization
@@ -81,6 +89,8 @@ class SliceStackDataset(Dataset):
             wanted = [float(c) for c in count_levels]
             studies = [s for s in studies
                        if any(abs(s.count_level - c) < 1e-9 for c in wanted)]
+        studies = [s for s in studies
+                   if not any(abs(s.count_level - c) < 1e-9 for c in exclude_levels)]
         if not studies:
             raise FedNdifError(f"{self.manifest}: no studies in split {'/'.join(splits)}"
                                + (f" at count levels {list(count_levels)}" if count_levels else ""))

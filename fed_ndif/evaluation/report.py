@@ -21,6 +21,7 @@ from fed_ndif.evaluation.paired import (
     FIGURE,
     figure_paired_differences,
     paired_sections,
+    paired_table,
     references,
 )
 from fed_ndif.evaluation.statistics import CONFIDENCE, RESAMPLES
@@ -188,11 +189,41 @@ def figure_lesion_slices(site: str, panels: list[tuple[str, np.ndarray]],
     plt.close(fig)
 
 
+def _split_held_out(rows: list[dict], held_out: dict[str, tuple[float, ...]]
+                    ) -> tuple[list[dict], list[dict]]:
+    def held(row: dict) -> bool:
+        return any(abs(row["count_level"] - c) < 1e-9 for c in held_out.get(row["site"], ()))
+
+    return [r for r in rows if not held(r)], [r for r in rows if held(r)]
+
+
+def _held_out_section(rows: list[dict], method_order: list[str], references: list[str],
+                      labels: dict[str, str], budgets: dict[str, str]) -> list[str]:
+    where = ", ".join(f"{site} at {100 * level:g} %" for site, level in
+                      sorted({(r["site"], r["count_level"]) for r in rows}))
+    lines = [f"## A count level the site never trained on: {where}\n",
+             "Left out of that site's training and validation data (and of every table "
+             "above); the federation's other sites may hold other levels. Does the noise "
+             "embedding carry the model to it?\n",
+             quality_table(rows, method_order, budgets), "",
+             f"Lesions ≥ 10 mm ({lesion_count(rows, 'ge10')}):\n",
+             lesion_table(rows, method_order, "ge10"), ""]
+    for against in references:
+        lines += [f"Paired differences against {labels[against]} at this level "
+                  f"({100 * CONFIDENCE:g} % CI over test subjects):\n",
+                  paired_table(rows, method_order, against, labels), ""]
+    return lines
+
+
 def write_report(run: Path, rows: list[dict], method_order: list[str], *,
                  curves: dict[str, list[dict]], notes: list[str], figures: list[Path],
-                 budgets: dict[str, str] | None = None, reference: str | None = None) -> Path:
-    """``reference``: the method every other is paired against (default: Fed-NDIF)."""
+                 budgets: dict[str, str] | None = None, reference: str | None = None,
+                 held_out: dict[str, tuple[float, ...]] | None = None) -> Path:
+    """``reference``: the method every other is paired against (default: Fed-NDIF).
+    ``held_out``: per site, count levels it never trained on; their rows get their own
+    section and stay out of every other table."""
     budgets = budgets or {}
+    rows, held_rows = _split_held_out(rows, held_out or {})
     labels = method_labels(rows)
     paired_against = references(rows, reference)
     figure_metric_vs_level(rows, method_order, run / "figures" / "metrics_vs_count_level.png")
@@ -238,6 +269,8 @@ def write_report(run: Path, rows: list[dict], method_order: list[str], *,
     if paired_against and figure_paired_differences(rows, method_order, paired_against[-1],
                                                     labels, run / "figures" / FIGURE):
         lines.append(f"![paired differences](figures/{FIGURE})\n")
+    if held_rows:
+        lines += _held_out_section(held_rows, method_order, paired_against, labels, budgets)
     lines.append("![metrics against count level](figures/metrics_vs_count_level.png)\n")
     if curves:
         lines.append("![training curves](figures/training_curves.png)\n")

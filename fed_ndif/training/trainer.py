@@ -38,7 +38,7 @@ from fed_ndif.checkpoints import (
     sampler_config,
     save_checkpoint,
 )
-from fed_ndif.data.dataset import SliceStackDataset
+from fed_ndif.data.dataset import SliceStackDataset, held_out_levels
 from fed_ndif.errors import FedNdifError
 from fed_ndif.image_metrics import volume_metrics
 from fed_ndif.models.denoise_volume import denoise_volume
@@ -243,14 +243,17 @@ def train_sites(cfg: dict[str, Any], manifests: list[Path], out_dir: Path, *,
     train = state.cfg["train"]
     k = state.k
     levels = cfg["data"]["count_levels"]
-    train_sets = [SliceStackDataset(m, split="train", k=k, normalization=state.normalization,
-                                    count_levels=levels) for m in manifests]
+
+    def site_split(manifest: Path, split: str) -> SliceStackDataset:
+        return SliceStackDataset(manifest, split=split, k=k, normalization=state.normalization,
+                                 count_levels=levels,
+                                 exclude_levels=held_out_levels(cfg["data"], manifest.parent.name))
+
+    train_sets = [site_split(m, "train") for m in manifests]
     val_sets = []
     for manifest in manifests:
         try:
-            val_sets.append(SliceStackDataset(manifest, split="val", k=k,
-                                              normalization=state.normalization,
-                                              count_levels=levels))
+            val_sets.append(site_split(manifest, "val"))
         except FedNdifError:
             log.warning("%s: no validation studies; skipping its validation", manifest)
     out_dir.mkdir(parents=True, exist_ok=True)
