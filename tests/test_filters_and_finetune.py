@@ -110,3 +110,20 @@ def test_finetune_keeps_the_global_model_when_no_step_beats_it_on_validation(sit
     assert chosen["best_step"] in (0, 2, 4)
     assert chosen["val_psnr_best"] >= chosen["val_psnr_start"]
     assert read_checkpoint(good / "best.pt")["step"] == chosen["best_step"]
+
+
+def test_a_rival_checkpoint_competes_with_the_fine_tuned_steps(site, tmp_path):
+    """At equal budgets the experiment fine-tunes an earlier round; the final global model
+    competes on validation, and a site keeps it when no fine-tuned step beats it."""
+    from fed_ndif.training.trainer import finetune
+
+    root, manifest = site
+    start = root / "global" / "last.pt"
+    out = tmp_path / "rivalled"
+    # The rival is the start itself, so the wrecked steps (lr 0.3) cannot beat it, and a tie
+    # with the start goes to the rival, seen first.
+    finetune(start, manifest, out, steps=2, lr=0.3, device="cpu", val_every=1, rival=start)
+    chosen = json.loads((out / "selection.json").read_text())
+    assert chosen["kept_rival"] and chosen["best_step"] == -1
+    assert chosen["val_psnr_rival"] == chosen["val_psnr_best"] == chosen["val_psnr_start"]
+    assert (out / "best.pt").read_bytes() == start.read_bytes()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,7 @@ from fed_ndif.image_metrics import volume_metrics
 from fed_ndif.models.denoise_volume import denoise_volume
 from fed_ndif.models.diffusion import pixel_loss
 from fed_ndif.models.sampling import SamplerConfig
+from fed_ndif.staging import staged_file
 from fed_ndif.training.augment import BODY_SUV, LesionInsertion, insert_lesions
 from fed_ndif.training.batches import SEED_STRIDE, batch_sampler
 
@@ -181,14 +183,16 @@ def train_local(manifest: str | Path, out_dir: str | Path, *,
 
 def finetune(checkpoint: str | Path, manifest: str | Path, out_dir: str | Path, *,
              steps: int, lr: float, device: str | None = None, val_every: int | None = None,
-             patience: int = 0) -> dict[str, float]:
+             patience: int = 0, rival: Path | None = None) -> dict[str, float]:
     """``fed-ndif finetune``: personalize a (global) checkpoint on one site's training split.
 
     Model, diffusion and data settings come from the checkpoint, so a site needs only the
     checkpoint and its manifest; the optimizer starts fresh. With ``val_every``, the site's
     validation split scores the global model and then every ``val_every`` steps; ``best.pt``
     is the best of them (the global model itself when no step beats it), and training stops
-    after ``patience`` checks without a gain (0: never early).
+    after ``patience`` checks without a gain (0: never early). ``rival``: another checkpoint
+    of the same network that competes on validation too (an experiment at equal budget
+    fine-tunes an earlier round, and the final global model is the one to beat).
     """
     cfg = read_checkpoint(checkpoint)["config"]
     cfg["train"].update(steps=int(steps), lr=float(lr), init_from=str(checkpoint),
@@ -198,7 +202,7 @@ def finetune(checkpoint: str | Path, manifest: str | Path, out_dir: str | Path, 
             raise FedNdifError(f"--val-every must be at least 1 and --patience at least 0, got "
                                f"{val_every} and {patience}")
         cfg["train"].update(val_every=int(val_every), keep_best=True, patience=int(patience))
-    return train_sites(cfg, [Path(manifest)], Path(out_dir))
+    return train_sites(cfg, [Path(manifest)], Path(out_dir), rival=rival)
 
 
 def _interleaved(state: TrainingState, datasets: list[SliceStackDataset]
@@ -221,7 +225,7 @@ def _interleaved(state: TrainingState, datasets: list[SliceStackDataset]
 
 
 def train_sites(cfg: dict[str, Any], manifests: list[Path], out_dir: Path, *,
-                resume: bool = False) -> dict[str, float]:
+                resume: bool = False, rival: Path | None = None) -> dict[str, float]:
     """Train on one site's manifest, or pooled over several (the centralized upper bound)."""
     last = out_dir / LAST_CHECKPOINT
     if resume:
@@ -269,6 +273,9 @@ def train_sites(cfg: dict[str, Any], manifests: list[Path], out_dir: Path, *,
     selection = _Selection(out_dir) if train.get("keep_best") and val_sets else None
     with (out_dir / "metrics.jsonl").open("a") as metrics_file:
         if selection is not None and state.step == 0:
+            if rival is not None:
+                selection.consider_rival(rival, _validation(
+                    load_checkpoint(rival, device=str(state.device)), val_sets))
             selection.consider(state, _validation(state, val_sets))
         while state.step < total:
             n = min(chunk, total - state.step,
@@ -312,7 +319,16 @@ class _Selection:
         self.best_step = -1
         self.best_psnr = -math.inf
         self.start_psnr = math.nan
+        self.rival: Path | None = None
+        self.rival_psnr = math.nan
         self.since_best = 0
+
+    def consider_rival(self, rival: Path, record: dict[str, float]) -> None:
+        """A checkpoint that did not come from this run: best.pt becomes a copy of it."""
+        self.rival, self.rival_psnr = rival, float(record["val_psnr"])
+        self.best_psnr = self.rival_psnr
+        with staged_file(self.out_dir / BEST_CHECKPOINT, suffix=".pt") as tmp:
+            shutil.copyfile(rival, tmp)
 
     def consider(self, state: TrainingState, record: dict[str, float]) -> None:
         psnr = float(record["val_psnr"])
@@ -330,6 +346,13 @@ class _Selection:
     def finish(self) -> None:
         summary = {"best_step": self.best_step, "val_psnr_best": self.best_psnr,
                    "val_psnr_start": self.start_psnr, "kept_start": self.best_step == 0}
+        if self.rival is not None:
+            summary.update(rival=str(self.rival), val_psnr_rival=self.rival_psnr,
+                           kept_rival=self.best_step == -1)
         (self.out_dir / SELECTION_RECORD).write_text(json.dumps(summary, indent=1))
-        log.info("kept the model of step %d (validation PSNR %.3f dB; start %.3f dB)",
-                 self.best_step, self.best_psnr, self.start_psnr)
+        if self.best_step == -1:
+            log.info("kept %s (validation PSNR %.3f dB; no fine-tuned step beat it)", self.rival,
+                     self.best_psnr)
+        else:
+            log.info("kept the model of step %d (validation PSNR %.3f dB; start %.3f dB)",
+                     self.best_step, self.best_psnr, self.start_psnr)
