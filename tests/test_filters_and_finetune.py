@@ -74,6 +74,9 @@ def test_evaluate_scores_input_filters_and_models_on_the_test_split(site, tmp_pa
     assert "Paired differences against mine" in report
     assert "too few for a CI" in report  # the tiny site has one test subject
     assert (paired / "figures" / "paired_differences.png").is_file()
+    assert main(["evaluate", str(manifest), str(tmp_path / "z"), "--no-filters",
+                 "--count-level", "0.33"]) == 2
+    assert "no studies in split test at count levels [0.33]" in capsys.readouterr().err
     assert main(["evaluate", str(manifest), str(tmp_path / "y"), "--model",
                  f"mine={root / 'global' / 'last.pt'}", "--reference", "gaussian"]) == 2
     assert "--reference gaussian: not one of the --model names" in capsys.readouterr().err

@@ -188,7 +188,8 @@ def read_rows(path: Path) -> list[dict]:
 
 def evaluate_site(manifest: Path, out_dir: Path, *, models: dict[str, Path],
                   filters: bool = True, split: str = "test", device: str = "cpu",
-                  overwrite: bool = False, reference: str | None = None) -> Path:
+                  overwrite: bool = False, reference: str | None = None,
+                  count_levels: Sequence[float] | None = None) -> Path:
     """``fed-ndif evaluate``: a site scores its own models (and the classical baselines) on
     its held-out studies; writes metrics.csv, figures and report.md into ``out_dir``, with
     every method's paired difference to ``reference`` (one of ``models``) when given."""
@@ -201,9 +202,10 @@ def evaluate_site(manifest: Path, out_dir: Path, *, models: dict[str, Path],
         if not Path(path).is_file():
             raise FedNdifError(f"--model {name}={path}: no such checkpoint")
     site = manifest.parent.name
-    studies = load_studies(manifest, split)
+    studies = load_studies(manifest, split, count_levels=count_levels)
     if not studies:
-        raise FedNdifError(f"{manifest}: no studies in split {split}")
+        raise FedNdifError(f"{manifest}: no studies in split {split}"
+                           + (f" at count levels {list(count_levels)}" if count_levels else ""))
     methods = [input_method()]
     if any(s.ideal is not None for s in studies):
         methods.append(noise_free_method())
