@@ -61,12 +61,14 @@ def test_splits_are_by_subject_and_levels_filter(site):
 
 
 def test_a_held_out_level_stays_out_of_the_named_site_only(site):
-    data = {"held_out_levels": {site.parent.name: [0.5]}}
+    data = {"held_out_levels": [{"site": site.parent.name, "levels": [0.5]}]}
     assert held_out_levels(data, site.parent.name) == (0.5,)
     assert held_out_levels(data, "another_site") == () == held_out_levels({}, "x")
     kept = SliceStackDataset(site, split="train", k=1, normalization=Normalization(),
                              exclude_levels=held_out_levels(data, site.parent.name))
     assert {s.study.count_level for s in kept.studies} == {0.1} and len(kept.studies) == 2
+    with pytest.raises(FedNdifError, match=r"data.held_out_levels.*site: NAME"):
+        held_out_levels({"held_out_levels": [{"site_a": [0.5]}]}, "site_a")
 
 
 def test_lower_count_has_higher_nstd(site):

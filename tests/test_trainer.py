@@ -168,6 +168,6 @@ def test_training_leaves_out_the_sites_held_out_levels(site, tmp_path):
     """Every study of this site is at 10 %: holding 10 % out leaves it nothing to train on."""
     from fed_ndif.training.trainer import train_local
 
-    held = f"data.held_out_levels={{{site.parent.name}:[0.1]}}"
+    held = f"data.held_out_levels=[{{site:{site.parent.name},levels:[0.1]}}]"
     with pytest.raises(FedNdifError, match="no studies in split train"):
         train_local(site, tmp_path / "out", overrides=["model=tiny", "train.steps=1", held])

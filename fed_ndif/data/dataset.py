@@ -34,9 +34,18 @@ HOT_QUANTILE = 0.999
 
 def held_out_levels(data: dict, site: str) -> tuple[float, ...]:
     """The count levels an experiment keeps out of ``site``'s training and validation
-    (``data.held_out_levels``), to see whether the noise embedding carries to a level the site
-    never trained on."""
-    return tuple(float(c) for c in (data.get("held_out_levels") or {}).get(site, ()))
+    (``data.held_out_levels``: a list of ``{site: NAME, levels: [...]}``; a list, not a
+    mapping, so that it travels through Flower's run config as one value), to see whether the
+    noise embedding carries to a level the site never trained on."""
+    levels: list[float] = []
+    for entry in data.get("held_out_levels") or []:
+        try:
+            if entry["site"] == site:
+                levels += [float(c) for c in entry["levels"]]
+        except (TypeError, KeyError, ValueError):
+            raise FedNdifError(f"data.held_out_levels: {entry!r} is not {{site: NAME, levels: "
+                               "[FRACTION, ...]}") from None
+    return tuple(levels)
 
 
 def stack_indices(z: int, *, k: int, depth: int) -> np.ndarray:
