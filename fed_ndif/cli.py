@@ -99,7 +99,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         models[name] = Path(path)
     report = evaluate_site(Path(args.manifest), Path(args.out_dir), models=models,
                            filters=not args.no_filters, split=args.split, device=args.device,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, reference=args.reference,
+                           count_levels=args.count_level)
     print(f"report: {report}")
 
 
@@ -264,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[], metavar="NAME=CHECKPOINT",
                    help="a checkpoint to evaluate under NAME (repeatable)")
     p.add_argument("--no-filters", action="store_true", help="skip the Gaussian and NLM baselines")
+    p.add_argument("--count-level", type=float, action="append", metavar="FRACTION",
+                   help="score only studies at this count level, e.g. 0.1 (repeatable; default: "
+                        "all)")
+    p.add_argument("--reference", metavar="NAME",
+                   help="pair every method against this --model: per-subject differences with "
+                        "95 %% CIs, in report.md and figures/paired_differences.png")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")

@@ -36,6 +36,7 @@ from fed_ndif.checkpoints import (
     latest_global_checkpoint,
     read_checkpoint,
 )
+from fed_ndif.data.dataset import held_out_levels
 from fed_ndif.data.manifest import MANIFEST_NAME
 from fed_ndif.errors import FedNdifError
 from fed_ndif.evaluation.compare import (
@@ -131,7 +132,8 @@ class Budget:
                 f"steps of batch {self.batch} per site ({self.sites} sites; table column "
                 f"'budget' = sites × steps × batch). Fed-NDIF personalized: {self.rounds} "
                 f"federated rounds of {self.local_steps} local steps, then up to "
-                f"{self.finetune_steps} fine-tuning steps at lr {finetune_lr:g}; the "
+                f"{self.finetune_steps} fine-tuning steps at lr {finetune_lr:g}, or the "
+                f"final global model where none of those steps beats it on validation; the "
                 f"federations (Fed-NDIF global, FedAvg U-Net, FedAvg diffusion without NSTD): "
                 f"{self.federated_rounds} rounds; local-only: {self.per_site} steps at each site; "
                 f"pooled: {self.sites * self.per_site} steps on all sites' data.")
@@ -200,6 +202,10 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
     fed = federated_config(cfg, sites_dir=sites_dir, run_dir=out_dir / "federated" / "fedndif")
     if "fedndif_personalized" in methods:
         start = global_checkpoint_path(out_dir / "federated" / "fedndif", budget.rounds)
+        # Equal budgets: fine-tuning starts from an earlier round, and the final global model
+        # (same budget) competes with its steps on validation, so a site keeps whichever is
+        # better there: personalization is applied only where it pays.
+        final = global_checkpoint_path(out_dir / "federated" / "fedndif", rounds)
         val_every = cfg.compare.get("finetune_val_every")
         chosen = BEST_CHECKPOINT if val_every else LAST_CHECKPOINT
         # With selection, best.pt appears at step 0; only the selection record marks a finished
@@ -214,7 +220,8 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
                 finetune(start, manifests[site], out, steps=budget.finetune_steps,
                          lr=float(cfg.compare.finetune_lr), device=str(cfg.compare.device),
                          val_every=int(val_every) if val_every else None,
-                         patience=int(cfg.compare.get("finetune_patience") or 0))
+                         patience=int(cfg.compare.get("finetune_patience") or 0),
+                         rival=final if val_every and final != start else None)
             checkpoints["fedndif_personalized"][site] = out / chosen
     if "local" in methods:
         local = _train_cfg(fed, budget.per_site)
@@ -242,8 +249,9 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
     # physical best for.
     order = [shown for name in methods
              for shown in ((name, "noise_free") if name == "input" else (name,))]
+    held_out = {site: held_out_levels(cfg.data, site) for site in sites}
     return write_report(out_dir, rows, order, curves=curves, notes=notes, figures=figures,
-                        budgets=budgets)
+                        budgets=budgets, held_out=held_out)
 
 
 def _selection_notes(folder: Path, sites: list[str]) -> list[str]:
@@ -253,11 +261,18 @@ def _selection_notes(folder: Path, sites: list[str]) -> list[str]:
         record = folder / site / SELECTION_RECORD
         if record.is_file():
             chosen = json.loads(record.read_text())
-            kept.append(f"{site}: the global model (no fine-tuned step beat it on validation, "
-                        f"{chosen['val_psnr_start']:.2f} dB)" if chosen["kept_start"] else
-                        f"{site}: step {chosen['best_step']} ({chosen['val_psnr_best']:.2f} dB "
-                        f"on validation against {chosen['val_psnr_start']:.2f} dB for the "
-                        "global model)")
+            if chosen.get("kept_rival"):
+                kept.append(f"{site}: the final global model, not personalized (no fine-tuned "
+                            f"step beat its {chosen['val_psnr_rival']:.2f} dB on validation)")
+            elif chosen["kept_start"]:
+                kept.append(f"{site}: the global model it started from (no fine-tuned step beat "
+                            f"it on validation, {chosen['val_psnr_start']:.2f} dB)")
+            else:
+                rival = (f", the final global model {chosen['val_psnr_rival']:.2f} dB"
+                         if "val_psnr_rival" in chosen else "")
+                kept.append(f"{site}: fine-tuned step {chosen['best_step']} "
+                            f"({chosen['val_psnr_best']:.2f} dB on validation against "
+                            f"{chosen['val_psnr_start']:.2f} dB for its start{rival})")
     return ["Personalization kept, by validation PSNR: " + "; ".join(kept) + "."] if kept else []
 
 
@@ -290,8 +305,9 @@ def score_test_splits(cfg: DictConfig, out_dir: Path, sites: list[str],
             figures.append(figure)
             continue
         rows = [r for r in rows if r["site"] != site]
-        studies = load_studies(manifests[site], "test",
-                               count_levels=cfg.compare.count_levels or None,
+        levels = list(cfg.compare.count_levels or [])
+        levels += [c for c in held_out_levels(cfg.data, site) if levels]
+        studies = load_studies(manifests[site], "test", count_levels=levels or None,
                                max_subjects=cfg.compare.max_test_subjects or None)
         site_methods: list[Method] = []
         filters = {m.name: m for m in tuned_filters(manifests[site])} if {

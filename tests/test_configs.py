@@ -31,8 +31,11 @@ def test_experiment_composes_into_a_runnable_simulation(experiment, tmp_path):
     assert set(cfg.compare.methods) <= set(LABELS), cfg.compare.methods
     fed = federated_config(cfg, sites_dir=tmp_path / "sites", run_dir=tmp_path / "run")
     assert fed["fl"]["min_sites"] == len(specs)
-    # The federated part survives Flower's flat run config unchanged.
+    # The federated part survives Flower's flat run config unchanged, and Flower knows every
+    # key it sends (it refuses a run-config key that pyproject.toml does not declare).
     assert from_run_config(to_run_config(fed)) == fed
+    declared = to_run_config(load_config("federated"))
+    assert set(to_run_config(fed)) <= set(declared), set(to_run_config(fed)) - set(declared)
     sampler = sampler_config(fed)
     assert sampler.steps >= 1 and sampler.samples >= 1
     budget = Budget(sites=len(specs), rounds=int(cfg.fl.rounds),

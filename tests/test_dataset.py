@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fed_ndif.data.dataset import SliceStackDataset, stack_indices
+from fed_ndif.data.dataset import SliceStackDataset, held_out_levels, stack_indices
 from fed_ndif.data.manifest import read_manifest
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.normalization import Normalization
@@ -58,6 +58,17 @@ def test_splits_are_by_subject_and_levels_filter(site):
     assert len(train.studies) == 4  # two count levels each
     with pytest.raises(FedNdifError, match="count levels"):
         SliceStackDataset(site, split="val", k=1, normalization=norm, count_levels=[0.25])
+
+
+def test_a_held_out_level_stays_out_of_the_named_site_only(site):
+    data = {"held_out_levels": [{"site": site.parent.name, "levels": [0.5]}]}
+    assert held_out_levels(data, site.parent.name) == (0.5,)
+    assert held_out_levels(data, "another_site") == () == held_out_levels({}, "x")
+    kept = SliceStackDataset(site, split="train", k=1, normalization=Normalization(),
+                             exclude_levels=held_out_levels(data, site.parent.name))
+    assert {s.study.count_level for s in kept.studies} == {0.1} and len(kept.studies) == 2
+    with pytest.raises(FedNdifError, match=r"data.held_out_levels.*site: NAME"):
+        held_out_levels({"held_out_levels": [{"site_a": [0.5]}]}, "site_a")
 
 
 def test_lower_count_has_higher_nstd(site):

@@ -67,6 +67,19 @@ def test_evaluate_scores_input_filters_and_models_on_the_test_split(site, tmp_pa
     psnr = np.mean([float(r["psnr"]) for r in rows if r["method"] == "mine"])
     assert f"{psnr:.2f}" in report
     assert main(["evaluate", str(manifest), str(out)]) == 2  # not empty: refused
+    paired = tmp_path / "paired"
+    assert main(["evaluate", str(manifest), str(paired), "--no-filters", "--model",
+                 f"mine={root / 'global' / 'last.pt'}", "--reference", "mine"]) == 0
+    report = (paired / "report.md").read_text()
+    assert "Paired differences against mine" in report
+    assert "too few for a CI" in report  # the tiny site has one test subject
+    assert (paired / "figures" / "paired_differences.png").is_file()
+    assert main(["evaluate", str(manifest), str(tmp_path / "z"), "--no-filters",
+                 "--count-level", "0.33"]) == 2
+    assert "no studies in split test at count levels [0.33]" in capsys.readouterr().err
+    assert main(["evaluate", str(manifest), str(tmp_path / "y"), "--model",
+                 f"mine={root / 'global' / 'last.pt'}", "--reference", "gaussian"]) == 2
+    assert "--reference gaussian: not one of the --model names" in capsys.readouterr().err
     assert main(["evaluate", str(manifest), str(tmp_path / "x"), "--model", "bad"]) == 2
     assert "NAME=CHECKPOINT" in capsys.readouterr().err
 
@@ -100,3 +113,20 @@ def test_finetune_keeps_the_global_model_when_no_step_beats_it_on_validation(sit
     assert chosen["best_step"] in (0, 2, 4)
     assert chosen["val_psnr_best"] >= chosen["val_psnr_start"]
     assert read_checkpoint(good / "best.pt")["step"] == chosen["best_step"]
+
+
+def test_a_rival_checkpoint_competes_with_the_fine_tuned_steps(site, tmp_path):
+    """At equal budgets the experiment fine-tunes an earlier round; the final global model
+    competes on validation, and a site keeps it when no fine-tuned step beats it."""
+    from fed_ndif.training.trainer import finetune
+
+    root, manifest = site
+    start = root / "global" / "last.pt"
+    out = tmp_path / "rivalled"
+    # The rival is the start itself, so the wrecked steps (lr 0.3) cannot beat it, and a tie
+    # with the start goes to the rival, seen first.
+    finetune(start, manifest, out, steps=2, lr=0.3, device="cpu", val_every=1, rival=start)
+    chosen = json.loads((out / "selection.json").read_text())
+    assert chosen["kept_rival"] and chosen["best_step"] == -1
+    assert chosen["val_psnr_rival"] == chosen["val_psnr_best"] == chosen["val_psnr_start"]
+    assert (out / "best.pt").read_bytes() == start.read_bytes()

@@ -70,3 +70,40 @@ def test_too_few_subjects_have_no_interval_and_missing_methods_none_at_all():
                              higher_is_better=True).verdict == "n/a"
     assert paired_difference(_rows([1.0]), "other", "ref", "psnr",
                              higher_is_better=True).subjects == 0
+
+
+def test_per_site_sections_and_the_figure_show_where_a_method_wins(tmp_path):
+    from fed_ndif.evaluation.paired import figure_paired_differences, paired_sections
+
+    # "new" is clearly better at site a and no different at site b.
+    rows = _rows([1.0, 1.2, 0.9, 1.1], site="a") + _rows([0.3, -0.4, 0.2, -0.2], site="b")
+    labels = {"new": "New", "ref": "Ref"}
+    text = "\n".join(paired_sections(rows, ["ref", "new"], "ref", labels))
+    assert "Paired differences against Ref" in text
+    site_a = text.split("### a alone")[1].split("### b alone")[0]
+    site_b = text.split("### b alone")[1]
+    row_a = next(line for line in site_a.splitlines() if line.startswith("| New"))
+    row_b = next(line for line in site_b.splitlines() if line.startswith("| New"))
+    assert "better" in row_a and "no difference" in row_b
+    png = tmp_path / "paired.png"
+    assert figure_paired_differences(rows, ["ref", "new"], "ref", labels, png)
+    assert png.stat().st_size > 1000
+    # One site only: no per-site repeats of the same table.
+    assert "alone" not in "\n".join(paired_sections(_rows([1.0, 1.1, 0.9]), ["ref", "new"],
+                                                    "ref", labels))
+
+
+def test_a_held_out_level_gets_its_own_section_and_stays_out_of_the_others(tmp_path):
+    from fed_ndif.evaluation.report import write_report
+
+    rows = []
+    for level, gain in ((0.1, 1.0), (0.05, -2.0)):
+        for row in _rows([gain, gain + 0.1, gain - 0.1]):
+            rows.append({**row, "count_level": level, "label": row["method"], "ssim": 0.9,
+                         "nmse": 0.01, "liver_nstd": 0.1, "full_count_liver_nstd": 0.1})
+    (tmp_path / "figures").mkdir()
+    report = write_report(tmp_path, rows, ["ref", "new"], curves={}, notes=[], figures=[],
+                          reference="ref", held_out={"a": (0.05,)}).read_text()
+    main, held = report.split("## A count level the site never trained on: a at 5 %")
+    assert "+1.00 [" in main and "-2.00" not in main.split("## Per site")[0]
+    assert "-2.00 [" in held and "worse" in held

@@ -54,8 +54,11 @@ def test_seeds_give_identical_runs(train_set, kind):
         np.testing.assert_array_equal(value, runs[1][1][name])
 
 
-def test_checkpoint_round_trip_and_exact_resume(train_set, tmp_path):
-    bundle = build_state(tiny_cfg())
+@pytest.mark.parametrize("insert_lesions", [0.0, 0.5])
+def test_checkpoint_round_trip_and_exact_resume(train_set, tmp_path, insert_lesions):
+    cfg = tiny_cfg()
+    cfg["train"]["insert_lesions"] = {"probability": insert_lesions}
+    bundle = build_state(cfg)
     train_steps(bundle, make_train_batches(bundle, train_set), 3)
     path = tmp_path / "ckpt.pt"
     save_checkpoint(bundle, path)
@@ -159,3 +162,12 @@ def test_uptake_weighted_loss_puts_the_loss_on_hot_pixels():
     wrong_elsewhere[:, :, 0, 0] -= 1.0
     assert (pixel_loss(wrong_at_peak, full, kind="l2", weight=weight)
             > 10 * pixel_loss(wrong_elsewhere, full, kind="l2", weight=weight))
+
+
+def test_training_leaves_out_the_sites_held_out_levels(site, tmp_path):
+    """Every study of this site is at 10 %: holding 10 % out leaves it nothing to train on."""
+    from fed_ndif.training.trainer import train_local
+
+    held = f"data.held_out_levels=[{{site:{site.parent.name},levels:[0.1]}}]"
+    with pytest.raises(FedNdifError, match="no studies in split train"):
+        train_local(site, tmp_path / "out", overrides=["model=tiny", "train.steps=1", held])

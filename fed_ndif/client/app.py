@@ -19,7 +19,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fed_ndif.checkpoints import build_state, get_weights, set_weights
-from fed_ndif.data.dataset import SliceStackDataset
+from fed_ndif.data.dataset import SliceStackDataset, held_out_levels
 from fed_ndif.data.manifest import MANIFEST_NAME, manifest_path
 from fed_ndif.data.normalization import Normalization
 from fed_ndif.errors import FedNdifError
@@ -55,14 +55,16 @@ def site_manifest(cfg: dict[str, Any], node_config: dict[str, Any]) -> tuple[str
     return name, manifest
 
 
-def _dataset(manifest: Path, split: str, cfg: dict[str, Any]) -> SliceStackDataset:
+def _dataset(name: str, manifest: Path, split: str, cfg: dict[str, Any]) -> SliceStackDataset:
     normalization = Normalization.from_dict(cfg["data"]["normalization"])
     levels = cfg["data"].get("count_levels")
+    excluded = held_out_levels(cfg["data"], name)
     key = (str(manifest.resolve()), split, int(cfg["model"]["k"]), normalization,
-           tuple(levels) if levels else None)
+           tuple(levels) if levels else None, excluded)
     if key not in _DATASETS:
         _DATASETS[key] = SliceStackDataset(manifest, split=split, k=key[2],
-                                           normalization=normalization, count_levels=levels)
+                                           normalization=normalization, count_levels=levels,
+                                           exclude_levels=excluded)
     return _DATASETS[key]
 
 
@@ -91,7 +93,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg, name, manifest, state = _setup(msg, context)
     server_round = int(msg.content["config"]["server-round"])
     local_steps = int(cfg["fl"]["local_steps"])
-    dataset = _dataset(manifest, "train", cfg)
+    dataset = _dataset(name, manifest, "train", cfg)
     received = get_weights(state)
     # Batches of round r continue where round r-1 stopped: no slice is favoured.
     state.step = (server_round - 1) * local_steps
@@ -109,7 +111,7 @@ def train(msg: Message, context: Context) -> Message:
 def validate_global(msg: Message, context: Context) -> Message:
     """The global model received this round, scored on the site's validation split."""
     cfg, name, manifest, state = _setup(msg, context)
-    dataset = _dataset(manifest, "val", cfg)
+    dataset = _dataset(name, manifest, "val", cfg)
     metrics = validate(state, dataset, max_studies=int(cfg["fl"]["evaluate_max_studies"]))
     return _reply(msg, name, {f"val_{k}" if k != "num-examples" else k: v
                               for k, v in metrics.items()})

@@ -33,6 +33,22 @@ SPLITS = ("train", "val", "test")
 HOT_QUANTILE = 0.999
 
 
+def held_out_levels(data: dict, site: str) -> tuple[float, ...]:
+    """The count levels an experiment keeps out of ``site``'s training and validation
+    (``data.held_out_levels``: a list of ``{site: NAME, levels: [...]}``; a list, not a
+    mapping, so that it travels through Flower's run config as one value), to see whether the
+    noise embedding carries to a level the site never trained on."""
+    levels: list[float] = []
+    for entry in data.get("held_out_levels") or []:
+        try:
+            if entry["site"] == site:
+                levels += [float(c) for c in entry["levels"]]
+        except (TypeError, KeyError, ValueError):
+            raise FedNdifError(f"data.held_out_levels: {entry!r} is not {{site: NAME, levels: "
+                               "[FRACTION, ...]}") from None
+    return tuple(levels)
+
+
 def stack_indices(z: int, *, k: int, depth: int) -> np.ndarray:
     """Slice indices of the 2k+1 stack around ``z``; at the ends the edge slice is repeated."""
     return np.clip(np.arange(z - k, z + k + 1), 0, depth - 1)
@@ -47,6 +63,7 @@ class NormalizedStudy:
     full: np.ndarray  # normalized (z, y, x)
     nstd: float
     affine: np.ndarray
+    spacing: tuple[float, float, float]  # voxel size in mm (z, y, x)
 
     @functools.cached_property
     def foreground(self) -> np.ndarray:
@@ -75,7 +92,8 @@ def study_nstd(study: Study, low: Volume, full: Volume) -> float:
 
 
 class SliceStackDataset(Dataset):
-    """Items: ``{"low": (2k+1, H, W), "nstd": (), "full": (1, H, W)}``, float32 tensors.
+    """Items: ``{"low": (2k+1, H, W), "nstd": (), "full": (1, H, W), "spacing": (3,)}``, float32
+    tensors (``spacing``: voxel size in mm, z, y, x).
 
     One item per axial slice of every study in the chosen split(s): ``dataset[j]`` is slice
     ``j`` whole, ``dataset[(j, y0, x0, size)]`` its ``size`` x ``size`` patch at (y0, x0)
@@ -85,7 +103,8 @@ class SliceStackDataset(Dataset):
 
     def __init__(self, manifest: str | Path, *, split: str | tuple[str, ...] = "train", k: int,
                  normalization: Normalization,
-                 count_levels: tuple[float, ...] | list[float] | None = None) -> None:
+                 count_levels: tuple[float, ...] | list[float] | None = None,
+                 exclude_levels: tuple[float, ...] = ()) -> None:
         self.manifest = Path(manifest)
         self.k = k
         self.normalization = normalization
@@ -95,6 +114,8 @@ class SliceStackDataset(Dataset):
             wanted = [float(c) for c in count_levels]
             studies = [s for s in studies
                        if any(abs(s.count_level - c) < 1e-9 for c in wanted)]
+        studies = [s for s in studies
+                   if not any(abs(s.count_level - c) < 1e-9 for c in exclude_levels)]
         if not studies:
             raise FedNdifError(f"{self.manifest}: no studies in split {'/'.join(splits)}"
                                + (f" at count levels {list(count_levels)}" if count_levels else ""))
@@ -112,7 +133,7 @@ class SliceStackDataset(Dataset):
             nstd = study_nstd(study, low_volume, raw_full)
             self.studies.append(NormalizedStudy(
                 study=study, low=normalization.forward(low_volume.array), full=full, nstd=nstd,
-                affine=low_volume.affine))
+                affine=low_volume.affine, spacing=low_volume.spacing))
         shapes = {s.low.shape[1:] for s in self.studies}
         if len(shapes) > 1:
             raise FedNdifError(f"{self.manifest}: studies have different in-plane matrices "
@@ -144,4 +165,5 @@ class SliceStackDataset(Dataset):
         idx = stack_indices(z, k=self.k, depth=s.low.shape[0])
         return {"low": torch.from_numpy(np.ascontiguousarray(s.low[idx][window])),
                 "nstd": torch.tensor(s.nstd, dtype=torch.float32),
-                "full": torch.from_numpy(np.ascontiguousarray(s.full[z:z + 1][window]))}
+                "full": torch.from_numpy(np.ascontiguousarray(s.full[z:z + 1][window])),
+                "spacing": torch.tensor(s.spacing, dtype=torch.float32)}

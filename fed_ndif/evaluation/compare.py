@@ -213,18 +213,24 @@ def read_rows(path: Path) -> list[dict]:
 
 def evaluate_site(manifest: Path, out_dir: Path, *, models: dict[str, Path],
                   filters: bool = True, split: str = "test", device: str = "cpu",
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, reference: str | None = None,
+                  count_levels: Sequence[float] | None = None) -> Path:
     """``fed-ndif evaluate``: a site scores its own models (and the classical baselines) on
-    its held-out studies; writes metrics.csv, figures and report.md into ``out_dir``."""
+    its held-out studies; writes metrics.csv, figures and report.md into ``out_dir``, with
+    every method's paired difference to ``reference`` (one of ``models``) when given."""
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FedNdifError(f"{out_dir} is not empty; choose a new folder or pass --overwrite")
+    if reference is not None and reference not in models:
+        raise FedNdifError(f"--reference {reference}: not one of the --model names "
+                           f"({', '.join(models) or 'none given'})")
     for name, path in models.items():
         if not Path(path).is_file():
             raise FedNdifError(f"--model {name}={path}: no such checkpoint")
     site = manifest.parent.name
-    studies = load_studies(manifest, split)
+    studies = load_studies(manifest, split, count_levels=count_levels)
     if not studies:
-        raise FedNdifError(f"{manifest}: no studies in split {split}")
+        raise FedNdifError(f"{manifest}: no studies in split {split}"
+                           + (f" at count levels {list(count_levels)}" if count_levels else ""))
     methods = [input_method()]
     if any(s.ideal is not None for s in studies):
         methods.append(noise_free_method())
@@ -236,6 +242,7 @@ def evaluate_site(manifest: Path, out_dir: Path, *, models: dict[str, Path],
     (out_dir / "figures").mkdir(exist_ok=True)
     rows, _ = score_methods(site, studies, methods)
     write_rows(out_dir / "metrics.csv", rows)
+    notes = [f"Site {site}, split {split}; models: "
+             + ", ".join(f"{n} = {p}" for n, p in models.items())]
     return write_report(out_dir, rows, [m.name for m in methods], curves={}, figures=[],
-                        notes=[f"Site {site}, split {split}; models: " + ", ".join(
-                            f"{n} = {p}" for n, p in models.items())])
+                        reference=reference, notes=notes)

@@ -17,7 +17,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from fed_ndif.evaluation.statistics import CONFIDENCE, RESAMPLES, paired_difference
+from fed_ndif.evaluation.paired import (
+    FIGURE,
+    figure_paired_differences,
+    paired_sections,
+    paired_table,
+    references,
+)
+from fed_ndif.evaluation.statistics import CONFIDENCE, RESAMPLES
 
 # (key, column header, format); "budget" is a text column filled from the experiment.
 QUALITY_METRICS = (
@@ -33,15 +40,6 @@ LESION_METRICS = (
     ("suvmean_ideal_bias_pct", "SUVmean vs noise-free %", "{:+.1f}"),
     ("contrast_recovery", "contrast recovery", "{:.2f}"), ("cnr", "CNR", "{:.1f}"),
 )
-# Paired comparisons against Fed-NDIF: (key, header, format, higher is better).
-PAIRED_METRICS = (
-    ("psnr", "PSNR dB", "{:+.2f}", True), ("ssim", "SSIM", "{:+.4f}", True),
-    ("nmse", "NMSE", "{:+.4f}", False),
-    ("abs_suvpeak_ideal_bias_pct_ge10", "abs SUVpeak bias vs noise-free, ≥ 10 mm, pp", "{:+.1f}",
-     False),
-    ("abs_suvmax_bias_pct_ge10", "abs SUVmax bias vs full, ≥ 10 mm, pp", "{:+.1f}", False),
-)
-PAIRED_REFERENCES = ("fedndif_personalized", "fedndif_global")
 
 
 def _mean_sd(values: list[float], fmt: str) -> str:
@@ -123,29 +121,6 @@ def lesion_count(rows: list[dict], group: str) -> str:
             f"{'s' if subjects != 1 else ''}")
 
 
-def paired_table(rows: list[dict], method_order: list[str], reference: str) -> str:
-    """Each method minus ``reference`` over test subjects, with its 95 % CI and verdict."""
-    labels = method_labels(rows)
-    head = ["method", *(f"Δ {h} [95 % CI]" for _, h, _, _ in PAIRED_METRICS)]
-    out = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for method in method_order:
-        if method == reference or not any(r["method"] == method for r in rows):
-            continue
-        cells = [labels[method]]
-        for key, _, fmt, higher in PAIRED_METRICS:
-            d = paired_difference(rows, method, reference, key, higher_is_better=higher)
-            if d.subjects == 0:
-                cells.append("–")
-            elif d.verdict == "n/a":
-                cells.append(f"{fmt.format(d.mean)} ({d.subjects} subject"
-                             f"{'s' if d.subjects != 1 else ''}: too few for a CI)")
-            else:
-                cells.append(f"{fmt.format(d.mean)} [{fmt.format(d.low)}, {fmt.format(d.high)}] "
-                             f"{d.verdict}")
-        out.append("| " + " | ".join(cells) + " |")
-    return "\n".join(out)
-
-
 def figure_metric_vs_level(rows: list[dict], method_order: list[str], png: Path) -> None:
     labels = method_labels(rows)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
@@ -214,10 +189,43 @@ def figure_lesion_slices(site: str, panels: list[tuple[str, np.ndarray]],
     plt.close(fig)
 
 
+def _split_held_out(rows: list[dict], held_out: dict[str, tuple[float, ...]]
+                    ) -> tuple[list[dict], list[dict]]:
+    def held(row: dict) -> bool:
+        return any(abs(row["count_level"] - c) < 1e-9 for c in held_out.get(row["site"], ()))
+
+    return [r for r in rows if not held(r)], [r for r in rows if held(r)]
+
+
+def _held_out_section(rows: list[dict], method_order: list[str], references: list[str],
+                      labels: dict[str, str], budgets: dict[str, str]) -> list[str]:
+    where = ", ".join(f"{site} at {100 * level:g} %" for site, level in
+                      sorted({(r["site"], r["count_level"]) for r in rows}))
+    lines = [f"## A count level the site never trained on: {where}\n",
+             "Left out of that site's training and validation data (and of every table "
+             "above); the federation's other sites may hold other levels. Does the noise "
+             "embedding carry the model to it?\n",
+             quality_table(rows, method_order, budgets), "",
+             f"Lesions ≥ 10 mm ({lesion_count(rows, 'ge10')}):\n",
+             lesion_table(rows, method_order, "ge10"), ""]
+    for against in references:
+        lines += [f"Paired differences against {labels[against]} at this level "
+                  f"({100 * CONFIDENCE:g} % CI over test subjects):\n",
+                  paired_table(rows, method_order, against, labels), ""]
+    return lines
+
+
 def write_report(run: Path, rows: list[dict], method_order: list[str], *,
                  curves: dict[str, list[dict]], notes: list[str], figures: list[Path],
-                 budgets: dict[str, str] | None = None) -> Path:
+                 budgets: dict[str, str] | None = None, reference: str | None = None,
+                 held_out: dict[str, tuple[float, ...]] | None = None) -> Path:
+    """``reference``: the method every other is paired against (default: Fed-NDIF).
+    ``held_out``: per site, count levels it never trained on; their rows get their own
+    section and stay out of every other table."""
     budgets = budgets or {}
+    rows, held_rows = _split_held_out(rows, held_out or {})
+    labels = method_labels(rows)
+    paired_against = references(rows, reference)
     figure_metric_vs_level(rows, method_order, run / "figures" / "metrics_vs_count_level.png")
     if curves:
         figure_training_curves(curves, run / "figures" / "training_curves.png")
@@ -243,8 +251,9 @@ def write_report(run: Path, rows: list[dict], method_order: list[str], *,
         "recovery = output lesion contrast / full-count lesion contrast (lesions with a "
         "full-count lesion/background ratio of at least 1.5); CNR = (lesion mean - background "
         "mean) / background SD in a 3-voxel ring.\n",
-        f"Paired differences: each method minus Fed-NDIF per test subject (mean over its count "
-        f"levels), averaged over subjects, with a {100 * CONFIDENCE:g} % CI from {RESAMPLES} "
+        "Paired differences: each method minus the reference named in the section, per test "
+        "subject (mean over its count levels), averaged over subjects, "
+        f"with a {100 * CONFIDENCE:g} % CI from {RESAMPLES} "
         "bootstrap resamples of subjects within each site (never of slices or studies). "
         "'better' / 'worse' when the CI excludes 0, else 'no difference'.\n",
         *[f"- {note}" for note in notes], "",
@@ -255,11 +264,13 @@ def write_report(run: Path, rows: list[dict], method_order: list[str], *,
         f"### Lesions < 10 mm ({lesion_count(rows, 'lt10')})\n",
         lesion_table(rows, method_order, "lt10"), "",
     ]
-    for reference in PAIRED_REFERENCES:
-        if any(r["method"] == reference for r in rows):
-            lines += [f"## Paired differences against {method_labels(rows)[reference]} "
-                      f"({100 * CONFIDENCE:g} % CI over test subjects)\n",
-                      paired_table(rows, method_order, reference), ""]
+    for against in paired_against:
+        lines += paired_sections(rows, method_order, against, labels)
+    if paired_against and figure_paired_differences(rows, method_order, paired_against[-1],
+                                                    labels, run / "figures" / FIGURE):
+        lines.append(f"![paired differences](figures/{FIGURE})\n")
+    if held_rows:
+        lines += _held_out_section(held_rows, method_order, paired_against, labels, budgets)
     lines.append("![metrics against count level](figures/metrics_vs_count_level.png)\n")
     if curves:
         lines.append("![training curves](figures/training_curves.png)\n")

@@ -16,10 +16,13 @@ from torch import nn
 from tqdm import tqdm
 
 from fed_ndif.errors import FedNdifError
+from fed_ndif.models.body import body_mask, bounding_box
 from fed_ndif.models.diffusion import DiffusionProcess
 from fed_ndif.models.sampling import SamplerConfig, sample
 from fed_ndif.models.windowed import SlidingWindow
 
+# The smallest box a whole-slice network sees (a windowed one: a whole window).
+MIN_CROP = 32
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -61,7 +64,7 @@ def denoise_volume(
     k: int, process: DiffusionProcess | None = None, sampler: SamplerConfig | None = None,
     warm_model: nn.Module | None = None, batch_size: int | None = None,
     device: str | None = "auto", window: int | None = None,
-    dtype: str = "float32", seed: int = 0, progress: bool = True,
+    dtype: str = "float32", seed: int = 0, progress: bool = True, body_only: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Denoise a (z, y, x) SUV volume; returns (mean SUV, per-voxel std SUV or None).
 
@@ -69,7 +72,8 @@ def denoise_volume(
     diffusion network, sampled with ``sampler``; ``warm_model`` (a U-Net) supplies the initial
     image when ``sampler.warm_start == "unet"``. ``window``: the patch size a patch-trained
     network learnt on; slices larger than it go through in blended windows of that size.
-    ``dtype='bfloat16'`` is meant for CUDA.
+    ``dtype='bfloat16'`` is meant for CUDA. ``body_only``: the network sees only the body's
+    bounding box and air keeps the input's values (:mod:`fed_ndif.models.body`).
     """
     if low_suv.ndim != 3:
         raise FedNdifError(f"expected a (z, y, x) volume, got shape {low_suv.shape}")
@@ -86,8 +90,10 @@ def denoise_volume(
     if warm_model is not None:
         warm_model = warm_model.to(dev, memory_format=memory_format).eval()
     network = SlidingWindow(model, patch=window) if window else model
+    body = body_mask(low_suv) if body_only else None
     try:
-        return _denoise_batches(network, low, depth=depth, k=k, nstd=nstd, dev=dev, dtype=dtype,
+        return _denoise_batches(network, low, body, minimum=window or MIN_CROP, depth=depth, k=k,
+                                nstd=nstd, dev=dev, dtype=dtype,
                                 normalization=normalization, process=process, sampler=sampler,
                                 warm_model=warm_model,
                                 batch_size=batch_size or default_batch_size(dev),
@@ -99,20 +105,28 @@ def denoise_volume(
                 net.to(memory_format=torch.contiguous_format)
 
 
-def _denoise_batches(model: nn.Module, low: np.ndarray, *, depth: int, k: int, nstd: float,
+def _denoise_batches(model: nn.Module, low: np.ndarray, body: np.ndarray | None, *,
+                     minimum: int, depth: int, k: int, nstd: float,
                      dev: torch.device, dtype: str, normalization: NormalizationLike,
                      process: DiffusionProcess | None, sampler: SamplerConfig,
                      warm_model: nn.Module | None, batch_size: int,
                      memory_format: torch.memory_format, generator: torch.Generator,
                      progress: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    mean = np.empty(low.shape, np.float32)
-    std = np.empty(low.shape, np.float32) if process is not None else None
+    # Air (outside the body) keeps the input; the network writes inside the box.
+    mean = low.copy() if body is not None else np.empty(low.shape, np.float32)
+    std = np.zeros(low.shape, np.float32) if process is not None else None
     offsets = np.arange(-k, k + 1)
-    for start in tqdm(range(0, depth, batch_size), desc="denoising", unit="batch",
+    # All-air slices are not denoised at all.
+    slices = np.flatnonzero(body.any(axis=(1, 2))) if body is not None else np.arange(depth)
+    for start in tqdm(range(0, len(slices), batch_size), desc="denoising", unit="batch",
                       disable=not progress, leave=False):
-        zs = np.arange(start, min(start + batch_size, depth))
+        zs = slices[start:start + batch_size]
+        box = (slice(None), slice(None))
+        if body is not None:
+            box = bounding_box(body[zs], minimum=minimum)
         idx = np.clip(zs[:, None] + offsets[None, :], 0, depth - 1)
-        stacks = torch.from_numpy(low[idx]).to(dev, memory_format=memory_format)  # (B,2k+1,H,W)
+        stacks = torch.from_numpy(np.ascontiguousarray(low[idx][(..., *box)])).to(
+            dev, memory_format=memory_format)  # (B, 2k+1, h, w)
         nstd_t = torch.full((len(zs),), float(nstd), device=dev)
         with _autocast(dev, dtype):
             if process is None:
@@ -126,7 +140,12 @@ def _denoise_batches(model: nn.Module, low: np.ndarray, *, depth: int, k: int, n
                     init = warm_model(stacks, nstd_t).float()
                 out, spread = sample(model, process, low=stacks, nstd=nstd_t, cfg=sampler,
                                      generator=generator, init=init, x0_range=normalization.range)
-        mean[zs] = normalization.inverse(out[:, 0].float().cpu().numpy())
+        region = (zs, *box)
+        mean[region] = out[:, 0].float().cpu().numpy()
         if std is not None:
-            std[zs] = normalization.inverse(spread[:, 0].float().cpu().numpy())
-    return mean, std
+            std[region] = spread[:, 0].float().cpu().numpy()
+    if body is not None:
+        mean[~body] = low[~body]
+        if std is not None:
+            std[~body] = 0.0
+    return normalization.inverse(mean), None if std is None else normalization.inverse(std)

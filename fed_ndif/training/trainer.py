@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,13 +39,15 @@ from fed_ndif.checkpoints import (
     sampler_config,
     save_checkpoint,
 )
-from fed_ndif.data.dataset import SliceStackDataset
+from fed_ndif.data.dataset import SliceStackDataset, held_out_levels
 from fed_ndif.data.manifest import read_manifest
 from fed_ndif.errors import FedNdifError
 from fed_ndif.image_metrics import volume_metrics
 from fed_ndif.models.denoise_volume import denoise_volume
 from fed_ndif.models.diffusion import pixel_loss
 from fed_ndif.models.sampling import SamplerConfig
+from fed_ndif.staging import staged_file
+from fed_ndif.training.augment import BODY_SUV, LesionInsertion, insert_lesions
 from fed_ndif.training.batches import SEED_STRIDE, batch_sampler
 
 log = logging.getLogger(__name__)
@@ -67,12 +70,25 @@ def _step_generator(state: TrainingState) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _insertion_generator(state: TrainingState) -> torch.Generator:
+    """Its own stream, so turning lesion insertion on leaves every other draw of a step as it
+    was."""
+    seed = (int(state.cfg["train"]["seed"]) * SEED_STRIDE + state.step + 1) * 2 + 1
+    return torch.Generator().manual_seed(seed % (2**63))
+
+
 def train_step(state: TrainingState, batch: dict[str, torch.Tensor]) -> float:
     """One optimizer step on one batch; returns the loss."""
     train = state.cfg["train"]
     generator = _step_generator(state)
-    low = batch["low"].to(state.device)
-    full = batch["full"].to(state.device)
+    low, full = batch["low"], batch["full"]
+    insertion = LesionInsertion.from_config(train)
+    if insertion.probability > 0:
+        body_level = float(state.normalization.forward(np.float32(BODY_SUV)))
+        low, full = insert_lesions(low, full, batch["spacing"], settings=insertion,
+                                   body_level=body_level,
+                                   generator=_insertion_generator(state))
+    low, full = low.to(state.device), full.to(state.device)
     nstd = batch["nstd"].to(state.device)
     if train.get("augment_flip", False):
         flip = (torch.rand(low.shape[0], generator=generator) < 0.5).to(state.device)
@@ -168,14 +184,16 @@ def train_local(manifest: str | Path, out_dir: str | Path, *,
 
 def finetune(checkpoint: str | Path, manifest: str | Path, out_dir: str | Path, *,
              steps: int, lr: float, device: str | None = None, val_every: int | None = None,
-             patience: int = 0) -> dict[str, float]:
+             patience: int = 0, rival: Path | None = None) -> dict[str, float]:
     """``fed-ndif finetune``: personalize a (global) checkpoint on one site's training split.
 
     Model, diffusion and data settings come from the checkpoint, so a site needs only the
     checkpoint and its manifest; the optimizer starts fresh. With ``val_every``, the site's
     validation split scores the global model and then every ``val_every`` steps; ``best.pt``
     is the best of them (the global model itself when no step beats it), and training stops
-    after ``patience`` checks without a gain (0: never early).
+    after ``patience`` checks without a gain (0: never early). ``rival``: another checkpoint
+    of the same network that competes on validation too (an experiment at equal budget
+    fine-tunes an earlier round, and the final global model is the one to beat).
     """
     cfg = read_checkpoint(checkpoint)["config"]
     cfg["train"].update(steps=int(steps), lr=float(lr), init_from=str(checkpoint),
@@ -185,7 +203,7 @@ def finetune(checkpoint: str | Path, manifest: str | Path, out_dir: str | Path, 
             raise FedNdifError(f"--val-every must be at least 1 and --patience at least 0, got "
                                f"{val_every} and {patience}")
         cfg["train"].update(val_every=int(val_every), keep_best=True, patience=int(patience))
-    return train_sites(cfg, [Path(manifest)], Path(out_dir))
+    return train_sites(cfg, [Path(manifest)], Path(out_dir), rival=rival)
 
 
 def _interleaved(state: TrainingState, datasets: list[SliceStackDataset]
@@ -207,8 +225,13 @@ def _interleaved(state: TrainingState, datasets: list[SliceStackDataset]
         step += 1
 
 
+def _at(level: float, levels) -> bool:
+    """Whether ``level`` is one of ``levels`` (None: every level is)."""
+    return levels is None or any(abs(level - float(c)) < 1e-9 for c in levels)
+
+
 def train_sites(cfg: dict[str, Any], manifests: list[Path], out_dir: Path, *,
-                resume: bool = False) -> dict[str, float]:
+                resume: bool = False, rival: Path | None = None) -> dict[str, float]:
     """Train on one site's manifest, or pooled over several (the centralized upper bound)."""
     last = out_dir / LAST_CHECKPOINT
     if resume:
@@ -230,19 +253,22 @@ def train_sites(cfg: dict[str, Any], manifests: list[Path], out_dir: Path, *,
     train = state.cfg["train"]
     k = state.k
     levels = cfg["data"]["count_levels"]
-    train_sets = [SliceStackDataset(m, split="train", k=k, normalization=state.normalization,
-                                    count_levels=levels) for m in manifests]
+
+    def site_split(manifest: Path, split: str) -> SliceStackDataset:
+        return SliceStackDataset(manifest, split=split, k=k, normalization=state.normalization,
+                                 count_levels=levels,
+                                 exclude_levels=held_out_levels(cfg["data"], manifest.parent.name))
+
+    train_sets = [site_split(m, "train") for m in manifests]
     val_sets = []
     for manifest in manifests:
         # Only a missing split is skipped: a broken validation study is an error.
-        if not any(s.split == "val" and (levels is None or any(
-                abs(s.count_level - float(c)) < 1e-9 for c in levels))
-                for s in read_manifest(manifest)):
+        excluded = held_out_levels(cfg["data"], manifest.parent.name)
+        if not any(s.split == "val" and _at(s.count_level, levels)
+                   and not _at(s.count_level, excluded) for s in read_manifest(manifest)):
             log.warning("%s: no validation studies; skipping its validation", manifest)
             continue
-        val_sets.append(SliceStackDataset(manifest, split="val", k=k,
-                                          normalization=state.normalization,
-                                          count_levels=levels))
+        val_sets.append(site_split(manifest, "val"))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(state.cfg)))
     batches = _interleaved(state, train_sets)
@@ -256,6 +282,9 @@ def train_sites(cfg: dict[str, Any], manifests: list[Path], out_dir: Path, *,
     selection = _Selection(out_dir) if train.get("keep_best") and val_sets else None
     with (out_dir / "metrics.jsonl").open("a") as metrics_file:
         if selection is not None and state.step == 0:
+            if rival is not None:
+                selection.consider_rival(rival, _validation(
+                    load_checkpoint(rival, device=str(state.device)), val_sets))
             selection.consider(state, _validation(state, val_sets))
         while state.step < total:
             n = min(chunk, total - state.step,
@@ -299,7 +328,16 @@ class _Selection:
         self.best_step = -1
         self.best_psnr = -math.inf
         self.start_psnr = math.nan
+        self.rival: Path | None = None
+        self.rival_psnr = math.nan
         self.since_best = 0
+
+    def consider_rival(self, rival: Path, record: dict[str, float]) -> None:
+        """A checkpoint that did not come from this run: best.pt becomes a copy of it."""
+        self.rival, self.rival_psnr = rival, float(record["val_psnr"])
+        self.best_psnr = self.rival_psnr
+        with staged_file(self.out_dir / BEST_CHECKPOINT, suffix=".pt") as tmp:
+            shutil.copyfile(rival, tmp)
 
     def consider(self, state: TrainingState, record: dict[str, float]) -> None:
         psnr = float(record["val_psnr"])
@@ -317,6 +355,13 @@ class _Selection:
     def finish(self) -> None:
         summary = {"best_step": self.best_step, "val_psnr_best": self.best_psnr,
                    "val_psnr_start": self.start_psnr, "kept_start": self.best_step == 0}
+        if self.rival is not None:
+            summary.update(rival=str(self.rival), val_psnr_rival=self.rival_psnr,
+                           kept_rival=self.best_step == -1)
         (self.out_dir / SELECTION_RECORD).write_text(json.dumps(summary, indent=1))
-        log.info("kept the model of step %d (validation PSNR %.3f dB; start %.3f dB)",
-                 self.best_step, self.best_psnr, self.start_psnr)
+        if self.best_step == -1:
+            log.info("kept %s (validation PSNR %.3f dB; no fine-tuned step beat it)", self.rival,
+                     self.best_psnr)
+        else:
+            log.info("kept the model of step %d (validation PSNR %.3f dB; start %.3f dB)",
+                     self.best_step, self.best_psnr, self.start_psnr)
