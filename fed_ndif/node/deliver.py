@@ -6,7 +6,9 @@ retried later with the same files, whose UIDs are fixed, so a repeat replaces ra
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,7 @@ def send_series(files: list[Path], destination: Destination, *, calling_ae: str,
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
         raise DeliveryError(f"association {why}")
+    _no_delay(assoc)
     try:
         for path in files:
             status = assoc.send_c_store(path)
@@ -74,3 +77,13 @@ def send_series(files: list[Path], destination: Destination, *, calling_ae: str,
         if assoc.is_established:
             assoc.release()
     return len(files)
+
+
+def _no_delay(assoc: object) -> None:
+    """Send each C-STORE at once: with Nagle's algorithm on, the data set after the command
+    waits for the peer's delayed ACK (40 ms on Linux), which doubled a series' delivery time
+    to dcmtk's storescp."""
+    sock = getattr(getattr(getattr(assoc, "dul", None), "socket", None), "socket", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
