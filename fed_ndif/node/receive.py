@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pydicom
+from pydicom.encaps import generate_fragments
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -128,6 +129,7 @@ class Receiver:
             ds = pydicom.dcmread(io.BytesIO(data))
             for _ in ds.iterall():  # parse every element: a corrupt one fails here, not later
                 pass
+            _check_pixels(ds)
         except Exception as exc:
             log.warning("refused an instance that cannot be parsed (%s)", exc.__class__.__name__)
             return CANNOT_UNDERSTAND, ""
@@ -151,3 +153,24 @@ class Receiver:
             log.error("could not spool an instance (%s): the sender was told it failed", why)
             return OUT_OF_RESOURCES, ""
         return SUCCESS, f"{meta.name} {meta.modality}"
+
+
+def _check_pixels(ds: pydicom.Dataset) -> None:
+    """Raise ValueError when the pixel data is cut short (pydicom reads a truncated stream
+    without complaint): native data must hold every frame, encapsulated data whole fragments."""
+    if "PixelData" not in ds:
+        return
+    syntax = ds.file_meta.TransferSyntaxUID
+    data = ds.PixelData
+    if syntax.is_encapsulated:
+        fragments = list(generate_fragments(data))  # raises on a malformed item
+        if not fragments and len(data) > 8:
+            raise ValueError("encapsulated pixel data without fragments")
+        return
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    pixels = (int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0)
+              * int(ds.get("SamplesPerPixel", 1) or 1) * frames)
+    expected = (pixels * bits + 7) // 8
+    if len(data) < expected:
+        raise ValueError(f"pixel data holds {len(data)} bytes, the image needs {expected}")

@@ -75,8 +75,9 @@ def start_node(*, checkpoint: Path, spool: Path, port: int, destination_port: in
                settle_s: float = 1.0, extra: list[str] | None = None,
                verbose: bool = False, ready_timeout_s: float = 90.0) -> Proc:
     """``fed-ndif serve`` as NODE on 127.0.0.1, sending to PACS@127.0.0.1:destination_port."""
-    command = [sys.executable, "-m", "fed_ndif.cli", *(["-v"] if verbose else []), "serve", "--checkpoint", str(checkpoint),
-               "--ae-title", "NODE", "--host", "127.0.0.1", "--port", str(port),
+    command = [sys.executable, "-m", "fed_ndif.cli", *(["-v"] if verbose else []), "serve",
+               "--checkpoint", str(checkpoint), "--ae-title", "NODE", "--host", "127.0.0.1",
+               "--port", str(port),
                "--destination", f"PACS@127.0.0.1:{destination_port}", "--spool", str(spool),
                "--settle-seconds", str(settle_s), "--device", "cpu", "--steps", "2",
                *(extra or [])]
