@@ -263,3 +263,22 @@ def test_bad_settings_are_one_line_and_exit_2(extra, message, tmp_path, capsys):
     assert len(errors) == 1 and errors[0].startswith("fed-ndif serve: error:"), errors
     assert message in errors[0], errors[0]
     assert not (tmp_path / "spool").exists()
+
+
+def test_instances_that_arrive_during_denoising_rejoin_their_series(tmp_path):
+    spool = Spool(tmp_path)
+    spool.prepare()
+    key = series_key("1.2.3")
+
+    def store(sop: str) -> None:
+        spool.store(sop.encode(), series_uid="1.2.3", sop_uid=sop, study_uid="1.2",
+                    sop_class="1.2", modality="PT", number="5")
+
+    store("1.1")
+    store("1.2")
+    assert spool.take(key)
+    store("1.3")  # late: while the taken series is being denoised
+    spool.requeue(key)
+    assert spool.keys(WORK) == []
+    assert [p.name for p in spool.instances(INCOMING, key)] == ["1.1.dcm", "1.2.dcm", "1.3.dcm"]
+    assert spool.settled(3600) == []  # it settles again from now

@@ -76,7 +76,14 @@ class Node:
             log.info("stopped; pending work stays in %s for the next start", self.config.spool)
 
     def step(self) -> bool:
-        """Do one unit of work; False when there was nothing to do."""
+        """Do one unit of work; False when there was nothing to do. Deliveries that are due go
+        first, so a busy day of new studies never holds back finished ones."""
+        now = time.monotonic()
+        for key in self.spool.keys(OUTBOX):
+            retry = self.retries.setdefault(key, _Retry())
+            if retry.next_try <= now:
+                self._deliver(key, retry)
+                return True
         for key in self.spool.keys(WORK):  # taken before a crash, or just now
             self._denoise(key)
             return True
@@ -95,12 +102,6 @@ class Node:
                 log.info("dropped: %s (%s, %d instances; only PET series are denoised)",
                          meta.name, meta.modality, count)
                 return True
-        now = time.monotonic()
-        for key in self.spool.keys(OUTBOX):
-            retry = self.retries.setdefault(key, _Retry())
-            if retry.next_try <= now:
-                self._deliver(key, retry)
-                return True
         return False
 
     def _denoise(self, key: str) -> None:
@@ -117,6 +118,14 @@ class Node:
         except Exception as exc:  # a bug must not stop the node; the series is kept
             where = self.spool.fail(key, f"{exc.__class__.__name__}: {exc}")
             log.exception("failed: %s: unexpected error (moved to %s)", meta.name, where)
+            return
+        late = len(self.spool.instances(INCOMING, key))
+        if late:  # the series was not complete: its derived series would not be either
+            self.spool.remove_derived(key)
+            self.spool.requeue(key)
+            log.warning("more instances: %s got %d while being denoised; denoising it again "
+                        "once it settles (a longer --settle-seconds avoids this)", meta.name,
+                        late)
             return
         self.spool.finish_work(key)
         log.info("denoised: %s in %.1f s (%.1f s sampling, liver NSTD %.4f)", meta.name,
@@ -139,7 +148,7 @@ class Node:
             self.spool.fail(key, f"{exc.__class__.__name__}: {exc}", OUTBOX)
             self.retries.pop(key, None)
             return
-        self.spool.delivered(key)
+        self.spool.remove_derived(key)
         self.retries.pop(key, None)
         log.info("delivered: derived series [%s], %d instances to %s in %.1f s", key[:8], sent,
                  self.destination, time.perf_counter() - started)

@@ -166,6 +166,17 @@ class Spool:
             self.last_arrival.pop(key, None)
         return True
 
+    def requeue(self, key: str) -> None:
+        """work -> incoming, joining instances that arrived meanwhile: the series settles again
+        and is denoised whole."""
+        with self._lock:
+            source, target = self.folder(WORK, key), self.folder(INCOMING, key)
+            target.mkdir(parents=True, exist_ok=True)
+            for item in source.iterdir():
+                os.replace(item, target / item.name)
+            remove_path(source)
+            self.last_arrival[key] = time.monotonic()
+
     def drop(self, key: str) -> None:
         """Forget an incoming series the node does not process (not PET)."""
         with self._lock:
@@ -188,7 +199,8 @@ class Spool:
     def instances(self, state: str, key: str) -> list[Path]:
         return sorted(self.folder(state, key).glob("*.dcm"))
 
-    def delivered(self, key: str) -> None:
+    def remove_derived(self, key: str) -> None:
+        """Delivered (or no longer wanted): the derived series leaves the spool."""
         remove_path(self.folder(OUTBOX, key))
 
     def forget_study(self, study: str) -> None:
