@@ -130,10 +130,20 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     ckpt = make_checkpoint(work)
     series = make_series(_parse_size(args.size), work)
-    record = {"size": args.size, **measure_denoise(series, ckpt, work),
-              **measure_node(series, ckpt, work, args.settle)}
+    # The command both before and after the node: on a shared machine the load moves, and the
+    # faster of the two is the fairer (stricter) bound.
+    first = measure_denoise(series, ckpt, work)
+    record = {"size": args.size, **measure_node(series, ckpt, work, args.settle)}
+    second = measure_denoise(series, ckpt, work)
+    record["denoise_seconds_runs"] = [first["denoise_seconds"], second["denoise_seconds"]]
+    record["denoise_command_wall_s_runs"] = [first["denoise_command_wall_s"],
+                                             second["denoise_command_wall_s"]]
+    record["denoise_seconds"] = min(record["denoise_seconds_runs"])
     record["bound_seconds"] = record["denoise_seconds"] + args.settle + 10.0
     record["within_bound"] = record["latency_seconds"] <= record["bound_seconds"]
+    # What the node adds beyond its own denoising and the settle time (robust to the load).
+    record["overhead_seconds"] = (record["latency_seconds"] - record["node_denoise_seconds"]
+                                  - args.settle)
     print(json.dumps(record, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1))
