@@ -195,3 +195,24 @@ def test_a_refused_series_goes_to_failed_and_the_node_keeps_serving(assets, run,
     assert storescu(assets["study"] / "pet", run.node_port).returncode == 0
     wait_until(lambda: "delivered:" in run.log(), 120, "the good series", run.node_log)
     run.check_log_clean()
+
+
+def test_sigterm_finishes_the_current_step_and_a_restart_continues(assets, run):
+    """SIGTERM while a series is being denoised: the denoising finishes (its derived series is in
+    the outbox, nothing is left in work/), the node exits 0, and the next start delivers it."""
+    node = run.node(assets, steps=20)  # long enough for the signal to land mid-denoising
+    assert storescu(assets["study"] / "pet", run.node_port).returncode == 0
+    wait_until(lambda: "ready:" in run.log(), 60, "the series to be taken", run.node_log)
+    node.signal(signal.SIGTERM)
+    assert node.process.wait(timeout=120) == 0
+    log = run.log()
+    assert "denoised:" in log and log.rindex("stopped") > log.index("denoised:")
+    assert not any((run.spool / "work").iterdir())
+    assert len(list((run.spool / "outbox").iterdir())) == 1  # the destination was never up
+    run.pacs()
+    run.node(assets)
+    wait_until(lambda: "delivered:" in run.log(), 60, "delivery after the restart",
+               run.node_log)
+    _, _, nz = _source_uids(assets["study"] / "pet")
+    got = received_series(run.pacs_dir)
+    assert len(got) == 1 and len(next(iter(got.values()))) == nz
