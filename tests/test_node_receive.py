@@ -9,6 +9,7 @@ import os
 import ssl
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pydicom
 import pytest
@@ -282,3 +283,49 @@ def test_instances_that_arrive_during_denoising_rejoin_their_series(tmp_path):
     assert spool.keys(WORK) == []
     assert [p.name for p in spool.instances(INCOMING, key)] == ["1.1.dcm", "1.2.dcm", "1.3.dcm"]
     assert spool.settled(3600) == []  # it settles again from now
+
+
+def _bare_node(tmp_path: Path):
+    from fed_ndif.node.service import Node
+
+    spool = Spool(tmp_path / "spool")
+    spool.prepare()
+    config = NodeConfig(checkpoint=Path("unused"), ae_title="NODE", port=1,
+                        destination="PACS@127.0.0.1:1", spool=spool.root, settle_s=0.01)
+    return Node(config=config, model=None, destination=parse_destination(config.destination),
+                spool=spool, receiver=None)
+
+
+def _taken(node) -> str:
+    node.spool.store(b"x", series_uid="1.2.3", sop_uid="1.1", study_uid="1.2",
+                     sop_class="1.2.840.10008.5.1.4.1.1.128", modality="PT", number="7")
+    key = series_key("1.2.3")
+    assert node.spool.take(key)
+    return key
+
+
+def test_a_disk_error_while_denoising_keeps_the_series_and_pauses(tmp_path, monkeypatch, caplog):
+    node = _bare_node(tmp_path)
+    key = _taken(node)
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("fed_ndif.node.service.denoise_study", disk_full)
+    assert node.step()
+    assert node.spool.keys(WORK) == [key]  # kept for later, not failed
+    assert not any((node.spool.root / "failed").iterdir())
+    assert "retry:" in caplog.text and "No space left" in caplog.text
+    assert not node.step()  # paused: no busy loop over the same series
+
+
+def test_a_series_the_reader_refuses_goes_to_failed_with_its_reason(tmp_path, caplog):
+    node = _bare_node(tmp_path)
+    key = _taken(node)
+    # The model is never used: the file is not DICOM, and the reader refuses it first.
+    node.model = SimpleNamespace(uncertainty=False, precision="fp32", batch_size=None,
+                                 state=None, device=None)
+    assert node.step()
+    failed = node.spool.folder("failed", key)
+    assert "DICOM" in (failed / "reason.txt").read_text()
+    assert f"failed: series 7 [{key[:8]}]" in caplog.text

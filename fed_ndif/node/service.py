@@ -27,6 +27,8 @@ from fed_ndif.node.spool import INCOMING, OUTBOX, WORK, SeriesMeta, Spool
 log = logging.getLogger(__name__)
 
 IDLE_POLL_S = 0.2
+# Pause of the denoising steps after a disk error (a full spool), while receiving goes on.
+WORK_PAUSE_S = 60.0
 
 
 @dataclass
@@ -46,6 +48,7 @@ class Node:
     receiver: Receiver
     stopping: threading.Event = field(default_factory=threading.Event)
     retries: dict[str, _Retry] = field(default_factory=dict)
+    work_paused_until: float = 0.0  # monotonic; after a disk error while denoising
 
     def stop(self, *_: object) -> None:
         """Ask the node to stop once the current step is done (signal-handler safe)."""
@@ -85,6 +88,8 @@ class Node:
                 self._deliver(key, retry)
                 return True
         for key in self.spool.keys(WORK):  # taken before a crash, or just now
+            if now < self.work_paused_until:
+                break
             self._denoise(key)
             return True
         for meta, study_settled in self.spool.settled(self.config.settle_s):
@@ -111,6 +116,11 @@ class Node:
             result = denoise_study(self.spool.folder(WORK, key), self.spool.folder(OUTBOX, key),
                                    model=self.model, output_format="dicom", seed=self.config.seed,
                                    overwrite=True, progress=False)
+        except OSError as exc:  # the spool's disk (full?): not the series' fault, try later
+            self.work_paused_until = time.monotonic() + WORK_PAUSE_S
+            log.error("retry: %s could not be denoised (%s); trying again in %.0f s", meta.name,
+                      exc.strerror or exc, WORK_PAUSE_S)
+            return
         except FedNdifError as exc:
             where = self.spool.fail(key, str(exc))
             log.error("failed: %s: %s (moved to %s)", meta.name, exc, where)
