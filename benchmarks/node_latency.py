@@ -2,7 +2,7 @@
 to the derived series delivered, against ``fed-ndif denoise`` on the same series.
 
     python benchmarks/node_latency.py --work runs/bench_node [--size 128x128x96]
-        [--settle 10] [--json results.json]
+        [--settle 10] [--threads 1] [--json results.json]
 
 The series is a synthetic noisy phantom written as a PET DICOM series (``denoise_volume.py``'s
 volume), the checkpoint the same ``model=small`` one (timing only; weights do not change the
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -124,8 +125,12 @@ def main() -> None:
     parser.add_argument("--work", default="runs/bench_node")
     parser.add_argument("--size", default="128x128x96", help="XxYxZ")
     parser.add_argument("--settle", type=float, default=10.0)
+    parser.add_argument("--threads", type=int, default=1, help="OMP/torch threads of both the "
+                        "command and the node (default 1: on a 2-core machine shared with "
+                        "other jobs, 2 threads oversubscribe the cores)")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args()
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by both child processes
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     ckpt = make_checkpoint(work)
@@ -133,7 +138,8 @@ def main() -> None:
     # The command both before and after the node: on a shared machine the load moves, and the
     # faster of the two is the fairer (stricter) bound.
     first = measure_denoise(series, ckpt, work)
-    record = {"size": args.size, **measure_node(series, ckpt, work, args.settle)}
+    record = {"size": args.size, "threads": args.threads,
+              **measure_node(series, ckpt, work, args.settle)}
     second = measure_denoise(series, ckpt, work)
     record["denoise_seconds_runs"] = [first["denoise_seconds"], second["denoise_seconds"]]
     record["denoise_command_wall_s_runs"] = [first["denoise_command_wall_s"],
