@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import signal
+import socket
 import subprocess
 from pathlib import Path
 
@@ -216,3 +217,18 @@ def test_sigterm_finishes_the_current_step_and_a_restart_continues(assets, run):
     _, _, nz = _source_uids(assets["study"] / "pet")
     got = received_series(run.pacs_dir)
     assert len(got) == 1 and len(next(iter(got.values()))) == nz
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(assets, tmp_path, capsys):
+    from fed_ndif.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code = main(["serve", "--checkpoint", str(assets["ckpt"]), "--ae-title", "NODE",
+                     "--host", "127.0.0.1", "--port", str(port), "--destination",
+                     "PACS@127.0.0.1:104", "--spool", str(tmp_path / "spool"), "--device", "cpu"])
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("fed-ndif serve:")]
+    assert code == 2 and len(errors) == 1 and f"--port {port}" in errors[0], errors
