@@ -71,6 +71,22 @@ def _denoise(args: argparse.Namespace) -> None:
     log.info("%s", result.summary())
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from fed_ndif.node.config import NodeConfig
+    from fed_ndif.node.service import run_node
+
+    run_node(NodeConfig(
+        checkpoint=Path(args.checkpoint), ae_title=args.ae_title, port=args.port,
+        destination=args.destination, spool=Path(args.spool), host=args.host,
+        settle_s=args.settle_seconds, allow=args.allow,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        tls_ca=Path(args.tls_ca) if args.tls_ca else None,
+        destination_tls=args.destination_tls, steps=args.steps, samples=args.samples,
+        sampler=args.sampler, device=args.device, precision=args.precision,
+        batch_size=args.batch_size, seed=args.seed))
+
+
 def _simulate(args: argparse.Namespace) -> None:
     from fed_ndif.simulate import simulate
 
@@ -225,6 +241,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_denoise)
 
     p = sub.add_parser(
+        "serve", help="run a DICOM node: receive studies, denoise PET series, send them on",
+        description="Listen for C-ECHO and C-STORE (any storage class, compressed included). "
+                    "Each PET series that has had no new instance for --settle-seconds is "
+                    "denoised as 'denoise' does it, and the derived series (same study, new "
+                    "series, UIDs fixed by the source) is sent by C-STORE to --destination, "
+                    "retried until it is taken. Other series are dropped once their study has "
+                    "settled. Everything waits in --spool, so a restart continues where the "
+                    "node stopped. SIGTERM finishes the current step and stops. See "
+                    "deploy/README.md.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="trained checkpoint")
+    p.add_argument("--ae-title", required=True, metavar="AET", help="this node's AE title "
+                   "(callers must address it)")
+    p.add_argument("--port", type=int, required=True, help="port to listen on (DICOM: 104 or "
+                   "11112)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0, "
+                   "every interface)")
+    p.add_argument("--destination", required=True, metavar="AET@HOST:PORT", help="where "
+                   "derived series are sent (the PACS)")
+    p.add_argument("--spool", required=True, metavar="DIR", help="the node's queue on disk "
+                   "(received instances, derived series, failed/ with reasons)")
+    p.add_argument("--settle-seconds", type=float, default=10.0, metavar="S", help="a series "
+                   "is complete when no instance of it arrived for S seconds (default: 10)")
+    p.add_argument("--allow", nargs="+", default=[], metavar="CALLING_AET", help="accept "
+                   "associations only from these calling AE titles (default: any)")
+    p.add_argument("--tls-cert", metavar="PEM", help="this node's certificate: DICOM over TLS")
+    p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    p.add_argument("--tls-ca", metavar="PEM", help="CA that callers' certificates must be "
+                   "signed by (mutual TLS); also checks the destination with --destination-tls")
+    p.add_argument("--destination-tls", action="store_true", help="send to the destination "
+                   "over TLS (needs --tls-ca)")
+    p.add_argument("--steps", type=int, metavar="N", help="as for denoise")
+    p.add_argument("--samples", type=int, metavar="K", help="as for denoise")
+    p.add_argument("--sampler", choices=("dpmpp_2m", "ddim", "ddpm"), help="as for denoise")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="as for denoise (default: auto)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="as for denoise (default: fp32)")
+    p.add_argument("--batch-size", type=int, metavar="B", help="as for denoise")
+    p.add_argument("--seed", type=int, default=0, help="as for denoise (default: 0)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser(
         "simulate", help="simulated multi-site federated run on this machine",
         description="Make synthetic sites (if missing) and run the Fed-NDIF federation over them "
                     "with Flower's simulation engine, one virtual node per site. Settings are "
@@ -349,8 +408,10 @@ def _site(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A service's log lines need their time; a command's output does not.
+    stamp = "%(asctime)s " if args.command == "serve" else ""
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format=stamp + "%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args)
     except FedNdifError as exc:

@@ -31,7 +31,12 @@ from fed_ndif.checkpoints import (
     read_checkpoint,
     sampler_config,
 )
-from fed_ndif.data.dicom import check_weight_and_dose, read_pet_series, write_pet_series
+from fed_ndif.data.dicom import (
+    PetSeriesInfo,
+    check_weight_and_dose,
+    read_pet_series,
+    write_pet_series,
+)
 from fed_ndif.data.nifti import load_nifti, save_nifti
 from fed_ndif.data.nstd import measure_liver_nstd
 from fed_ndif.data.volume import Volume
@@ -174,17 +179,27 @@ def _sha256(path: Path) -> str:
 
 
 @dataclass
-class _Model:
+class LoadedModel:
+    """A checked, loaded checkpoint with its sampler: load once, denoise many studies (the DICOM
+    node does; the command loads per run)."""
+
     state: TrainingState
     sampler: SamplerConfig | None  # None for a (deterministic) U-Net
     label: str  # checkpoint as named in outputs
     sha: str
     provenance: str  # "step N" of a site checkpoint, "round N" of a global one
+    device: Any  # torch.device
+    precision: str
+    batch_size: int | None
+    uncertainty: bool
 
 
-def _load_model(checkpoint: Path, *, steps: int | None, samples: int | None, uncertainty: bool,
-                device: str, sampler_name: str | None = None) -> _Model:
+def load_model(checkpoint: str | Path, *, steps: int | None = None, samples: int | None = None,
+               uncertainty: bool = False, device: str = "auto", precision: str = "fp32",
+               sampler_name: str | None = None, batch_size: int | None = None) -> LoadedModel:
     """Read and check the checkpoint (no code executed: ``weights_only=True``), then load it."""
+    checkpoint = Path(checkpoint)
+    _check_run_options(device=device, precision=precision, batch_size=batch_size)
     ckpt = read_checkpoint(checkpoint)  # missing, corrupt or foreign files: one clear error
     cfg = check_for_inference(checkpoint, ckpt)
     for name, value in (("--steps", steps), ("--samples", samples)):
@@ -214,13 +229,39 @@ def _load_model(checkpoint: Path, *, steps: int | None, samples: int | None, unc
                                "uncertainty map; drop --uncertainty")
         if steps is not None or samples is not None:
             log.warning("a U-Net checkpoint is deterministic: --steps/--samples are ignored")
-    state = load_checkpoint(checkpoint, device=device)  # weights must fit (channels, k)
+    dev = resolve_device(device)
+    state = load_checkpoint(checkpoint, device=str(dev))  # weights must fit (channels, k)
     label = f"{checkpoint.parent.name}/{checkpoint.name}" if checkpoint.parent.name else (
         checkpoint.name)
     provenance = (f"round {int(ckpt['round'])}" if "round" in ckpt
                   else f"step {int(ckpt.get('step', 0))}")
-    return _Model(state=state, sampler=sampler, label=label, sha=_sha256(checkpoint)[:12],
-                  provenance=provenance)
+    if precision == "bf16" and dev.type == "cpu":
+        # Most CPUs have no fast bf16 matrix units: PyTorch emulates it, far slower than fp32.
+        log.warning("--precision bf16 on a CPU is usually much slower than fp32; it is meant "
+                    "for GPUs")
+    return LoadedModel(state=state, sampler=sampler, label=label, sha=_sha256(checkpoint)[:12],
+                       provenance=provenance, device=dev, precision=precision,
+                       batch_size=batch_size, uncertainty=uncertainty)
+
+
+def _check_run_options(*, device: str, precision: str, batch_size: int | None) -> None:
+    if precision not in PRECISIONS:
+        raise FedNdifError(f"--precision must be one of {', '.join(PRECISIONS)}, got "
+                           f"{precision!r}")
+    if device not in DEVICES:
+        raise FedNdifError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if batch_size is not None and batch_size < 1:
+        raise FedNdifError(f"--batch-size must be at least 1, got {batch_size}")
+
+
+def derived_uid_sources(info: PetSeriesInfo, model: LoadedModel, sampler_label: str,
+                        seed: int, nstd: float) -> list[str]:
+    """What the derived series' UIDs are derived from: the source series (its UID and its
+    instances) and everything that shapes the output. The same series denoised again with the
+    same settings gets the same UIDs, so a PACS holds one derived series, not two."""
+    instances = hashlib.sha256("\\".join(sorted(info.sop_instance_uids)).encode()).hexdigest()
+    return ["fed-ndif derived", info.series_uid, instances, model.sha, sampler_label,
+            f"seed {seed}", f"nstd {nstd:.6g}", model.precision]
 
 
 def _check_axial(volume: Volume, where: Path) -> None:
@@ -243,30 +284,32 @@ def _load_mask(path: Path, volume: Volume) -> np.ndarray:
 
 
 def denoise_study(
-    input_path: str | Path, output: str | Path, *, checkpoint: str | Path,
+    input_path: str | Path, output: str | Path, *, checkpoint: str | Path | None = None,
     steps: int | None = None, samples: int | None = None, sampler_name: str | None = None,
     uncertainty: bool = False, output_format: str | None = None,
     liver_mask: str | Path | None = None,
     device: str = "auto", precision: str = "fp32", overwrite: bool = False,
     weight_kg: float | None = None, dose_bq: float | None = None, series_uid: str | None = None,
     seed: int = 0, batch_size: int | None = None, progress: bool = True,
+    model: LoadedModel | None = None,
 ) -> DenoiseResult:
     """Denoise the PET study at ``input_path`` into ``output``; see ``docs/denoise.md``.
 
     ``steps`` / ``samples`` / ``sampler_name`` default to the checkpoint's sampler settings;
     ``output_format`` defaults to the input's kind (``dicom`` for a DICOM folder, ``nifti`` for
     a NIfTI file). ``weight_kg`` / ``dose_bq`` / ``series_uid`` apply to DICOM input, as in
-    :func:`~fed_ndif.data.dicom.read_pet_series`.
+    :func:`~fed_ndif.data.dicom.read_pet_series`. ``model`` (from :func:`load_model`) replaces
+    ``checkpoint`` and the options it was loaded with (steps, samples, sampler, uncertainty,
+    device, precision, batch size), so a long-running service loads the checkpoint once.
     """
     started = time.perf_counter()
-    input_path, output, checkpoint = Path(input_path), Path(output), Path(checkpoint)
-    if precision not in PRECISIONS:
-        raise FedNdifError(f"--precision must be one of {', '.join(PRECISIONS)}, got "
-                           f"{precision!r}")
-    if device not in DEVICES:
-        raise FedNdifError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
-    if batch_size is not None and batch_size < 1:
-        raise FedNdifError(f"--batch-size must be at least 1, got {batch_size}")
+    input_path, output = Path(input_path), Path(output)
+    if model is None:
+        if checkpoint is None:
+            raise ValueError("give a checkpoint or a loaded model")
+        _check_run_options(device=device, precision=precision, batch_size=batch_size)
+    else:
+        uncertainty, precision, batch_size = model.uncertainty, model.precision, model.batch_size
     check_weight_and_dose(weight_kg, dose_bq)
     plan = _plan(input_path, output, fmt=output_format, uncertainty=uncertainty,
                  overwrite=overwrite)
@@ -277,14 +320,12 @@ def denoise_study(
     mask_path = Path(liver_mask) if liver_mask is not None else None
     if mask_path is not None and not mask_path.is_file():
         raise FedNdifError(f"{mask_path}: no such liver mask file")
-    dev = resolve_device(device)
-    model = _load_model(checkpoint, steps=steps, samples=samples, sampler_name=sampler_name,
-                        uncertainty=uncertainty, device=str(dev))
-    state = model.state
-    if precision == "bf16" and dev.type == "cpu":
-        # Most CPUs have no fast bf16 matrix units: PyTorch emulates it, far slower than fp32.
-        log.warning("--precision bf16 on a CPU is usually much slower than fp32; it is meant "
-                    "for GPUs")
+    if model is None:
+        assert checkpoint is not None
+        model = load_model(checkpoint, steps=steps, samples=samples, sampler_name=sampler_name,
+                           uncertainty=uncertainty, device=device, precision=precision,
+                           batch_size=batch_size)
+    state, dev = model.state, model.device
 
     # Outputs are written beside their final names and renamed into place only when complete.
     with contextlib.ExitStack() as stack:
@@ -350,17 +391,20 @@ def denoise_study(
         else:
             assert info is not None
             source_number = _series_number(info.template.get("SeriesNumber"))
+            uids = derived_uid_sources(info, model, label, seed, nstd)
             write_pet_series(denoised, folder / DENOISED_SERIES, template=info,
                              series_description=f"fed-ndif denoised {short} {model.label}",
                              derivation_description=derivation,
-                             series_number=source_number + 1000)
+                             series_number=source_number + 1000,
+                             uid_entropy=[*uids, DENOISED_SERIES])
             if spread is not None:
                 write_pet_series(
                     spread, folder / UNCERTAINTY_SERIES, template=info,
                     series_description=f"fed-ndif uncertainty SD {short} {model.label}",
                     derivation_description="Per-voxel standard deviation over samples. "
                                            + derivation,
-                    series_number=source_number + 1001)
+                    series_number=source_number + 1001,
+                    uid_entropy=[*uids, UNCERTAINTY_SERIES])
             if plan.fmt == "both":
                 save_nifti(denoised, folder / DENOISED_NIFTI)
                 if spread is not None:
@@ -380,4 +424,4 @@ def _series_number(value: Any) -> int:
         return 0
 
 
-__all__ = ["DenoiseResult", "denoise_study"]
+__all__ = ["DenoiseResult", "LoadedModel", "denoise_study", "load_model"]

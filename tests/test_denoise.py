@@ -194,6 +194,27 @@ def test_dicom_default_format_and_overwrite(trained, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing else left
 
 
+def _uids(series: Path) -> tuple[str, list[str]]:
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(series.iterdir())]
+    return str(headers[0].SeriesInstanceUID), sorted(str(h.SOPInstanceUID) for h in headers)
+
+
+def test_the_same_series_denoised_the_same_way_gets_the_same_uids(trained, tmp_path, capsys):
+    """A PACS that receives the same derived series twice must keep one: its UIDs come from the
+    source and the settings, not from chance; other settings give another series."""
+    runs = {}
+    for name, extra in (("a", []), ("b", []), ("other_seed", ["--seed", "5"])):
+        out = tmp_path / name
+        argv = [str(trained["dicom"]), str(out), "--checkpoint", str(trained["ckpt"]),
+                "--steps", "1", "--liver-mask", str(trained["mask"]), *extra]
+        assert _run(argv, capsys) == (0, [])
+        runs[name] = _uids(out / "denoised")
+    assert runs["a"] == runs["b"]
+    assert runs["other_seed"][0] != runs["a"][0]
+    assert not set(runs["other_seed"][1]) & set(runs["a"][1])
+    assert len(set(runs["a"][1])) == len(runs["a"][1])
+
+
 def _forged(trained, tmp_path: Path, change) -> Path:
     ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
     change(ckpt)

@@ -30,6 +30,7 @@ from tests.helpers.tools import require_tool
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 DOCKERFILES = sorted(DEPLOY.glob("Dockerfile*"))
 SITES = ("site_a", "site_b", "site_c")
+NODE = "dicom-node"
 
 
 def _compose() -> dict:
@@ -80,7 +81,7 @@ def test_compose_file_passes_compose_config(tmp_path):
     result = _compose_config(checked)
     assert result.returncode == 0, result.stdout + result.stderr
     resolved = yaml.safe_load(result.stdout)
-    assert set(resolved["services"]) == {"coordinator", *SITES}
+    assert set(resolved["services"]) >= {"coordinator", *SITES}
     assert all(resolved["services"][site]["read_only"] is True for site in SITES)
     # The same check refuses a misspelt option: it validates, it does not just parse YAML.
     broken = tmp_path / "broken.yaml"
@@ -103,10 +104,10 @@ def test_images_are_flowers_own_at_our_version_and_run_unprivileged(dockerfile):
 
 def test_every_compose_command_parses_with_the_cli():
     services = _compose()["services"]
-    assert set(services) == {"coordinator", *SITES}
+    assert set(services) == {"coordinator", *SITES, NODE}
     for name, service in services.items():
         dockerfile = DEPLOY / Path(service["build"]["dockerfile"]).name
-        program, *subcommand = _entrypoint(dockerfile)
+        program, *subcommand = service.get("entrypoint") or _entrypoint(dockerfile)
         assert program == "fed-ndif"
         args = build_parser().parse_args([*subcommand, *map(_expand, service["command"])])
         assert args.func.__name__ == f"_{subcommand[0]}", name
@@ -141,3 +142,15 @@ def test_the_images_pyproject_edit_still_finds_flower(dockerfile, tmp_path):
     flower = [Requirement(d) for d in dependencies if d.startswith("flwr")]
     assert len(flower) == 1 and not flower[0].extras, flower
     assert flower[0].specifier.contains(flwr_version), flower
+
+
+def test_the_dicom_node_service_keeps_its_spool_and_reads_its_checkpoint_only():
+    service = _compose()["services"][NODE]
+    args = build_parser().parse_args([*service["entrypoint"][1:],
+                                      *map(_expand, service["command"])])
+    mounts = {m.split(":")[1]: m for m in service["volumes"]}
+    assert mounts[args.checkpoint].endswith(":ro")
+    assert not mounts[args.spool].endswith(":ro")  # the queue must survive a restart
+    assert service["read_only"] is True
+    assert [p.split(":")[-1] for p in service["ports"]] == [str(args.port)]
+    assert args.destination.count("@") == 1
