@@ -256,8 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9092, help="the SuperLink's port (default: 9092)")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its "
                    "latest global checkpoint")
-    p.add_argument("--wait-for-sites", type=int, default=0, metavar="N", help="start the run "
-                   "only once N sites are online (default: 0, the run waits for fl.min_sites)")
+    p.add_argument("--wait-for-sites", type=int, default=None, metavar="N", help="start the "
+                   "run once N sites are online (default: fl.min_sites; 0: do not wait)")
+    p.add_argument("--wait-for-sites-timeout", type=float, default=600.0, metavar="S",
+                   help="how long the run waits for sites, before it and whenever a round "
+                   "lacks fl.min_sites; then it starts with fl.min_sites if that many are "
+                   "online, else fails (default: 600)")
     p.add_argument("--state-db", action="store_true", help="keep the SuperLink's state in "
                    "RUN_DIR/state.db instead of memory (SQLite: can answer 'database is locked' "
                    "on a busy machine)")
@@ -295,7 +299,7 @@ def _coordinator(args: argparse.Namespace) -> None:
     out = run_coordinator(Path(args.run_dir), args.overrides, certs_dir=Path(args.certs),
                           site_keys=[Path(k) for k in args.register], host=args.host,
                           port=args.port, resume=args.resume, wait_sites=args.wait_for_sites,
-                          state_db=args.state_db)
+                          wait_timeout_s=args.wait_for_sites_timeout, state_db=args.state_db)
     log.info("federation finished: run folder %s", out)
 
 

@@ -1,7 +1,9 @@
 """``fed-ndif site``: a site's SuperNode (TLS, its private key, its data folder as node config).
 
-The SuperNode runs through this module's entry point, which can shorten Flower's idle poll and
-start the warm ClientApp pool before handing over to Flower's own ``flower-supernode``:
+``fed-ndif site`` checks its inputs, then supervises the SuperNode (:mod:`.supervisor`):
+restarted whatever its exit until SIGTERM/SIGINT. The SuperNode runs through this module's
+entry point, which can shorten Flower's idle poll and start the warm ClientApp pool before
+handing over to Flower's own ``flower-supernode``:
 
     python -m fed_ndif.runtime.site supernode [--poll-interval S] [--warm-pool] -- ARGS
 """
@@ -22,13 +24,14 @@ from typing import Any
 from fed_ndif.data.manifest import MANIFEST_NAME, manifest_path
 from fed_ndif.errors import FedNdifError
 from fed_ndif.runtime.prefork import write_shim
-from fed_ndif.runtime.processes import flower_command, flower_env
+from fed_ndif.runtime.processes import check_port_free, flower_command, flower_env
 
 log = logging.getLogger(__name__)
 
 # The SuperNode asks the SuperLink for work every 3 s when idle (hard-coded in Flower 1.42);
 # this module's SuperNode entry point can shorten it (see patch_supernode_polling).
 SUPERNODE_POLL_S = 1.0
+POOL_PREFIX = "fed-ndif-pool-"  # + the SuperNode's pid: /tmp/fed-ndif-pool-PID-XXXX
 
 
 def check_private_key(path: Path) -> Path:
@@ -63,7 +66,10 @@ def site_command(*, superlink: str, ca: Path, key: Path, data: Path, name: str |
                  device: str = "auto", port: int = 9094, poll_s: float = SUPERNODE_POLL_S,
                  warm_pool: bool = True) -> tuple[list[str], dict[str, str]]:
     """Checked command line and environment that start a site's SuperNode."""
-    if ":" not in superlink:
+    if "://" in superlink:
+        raise FedNdifError(f"--superlink {superlink!r}: give HOST:PORT, without a scheme (the "
+                           "connection is always TLS)")
+    if ":" not in superlink or not superlink.rpartition(":")[2].isdigit():
         raise FedNdifError(f"--superlink {superlink!r}: give HOST:PORT")
     if not ca.is_file():
         raise FedNdifError(f"CA certificate {ca} does not exist (get ca.crt from the "
@@ -84,13 +90,41 @@ def site_command(*, superlink: str, ca: Path, key: Path, data: Path, name: str |
 
 
 def run_site(**kwargs: Any) -> None:
-    """Replace this process with the site's SuperNode (signals then reach it directly)."""
+    """Run the site's SuperNode under :class:`~.supervisor.SiteSupervisor` until SIGTERM or
+    SIGINT; start-up failures (a missing file, a taken --port) end it in one line."""
+    from fed_ndif.runtime.supervisor import supervise
+
     command, env = site_command(**kwargs)
-    log.info("starting the SuperNode of site %s: %s", kwargs.get("name") or "?",
-             " ".join(command[5:]))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execvpe(command[0], command, env)
+    port = int(kwargs.get("port", 9094))
+    check_port_free("127.0.0.1", port, what="the SuperNode's local ClientApp API, --port")
+    clean_stale_pools()
+    name = kwargs.get("name") or site_manifest_path(Path(kwargs["data"]).resolve()).parent.name
+    log.info("starting the SuperNode of site %s: %s", name, " ".join(command[5:]))
+    supervise(command, env, superlink=kwargs["superlink"], ca=Path(kwargs["ca"]).resolve(),
+              key=Path(kwargs["key"]).resolve(), name=name, port=port,
+              on_exit=clean_stale_pools)
+
+
+def clean_stale_pools() -> list[Path]:
+    """Remove warm-pool folders whose SuperNode is gone (killed before it could clean up)."""
+    import tempfile
+
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{POOL_PREFIX}*"):
+        pid = folder.name[len(POOL_PREFIX):].split("-")[0]
+        with contextlib.suppress(OSError):
+            if not pid.isdigit() or folder.stat().st_uid != os.getuid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+                continue  # its SuperNode still runs
+            except ProcessLookupError:
+                pass
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if removed:
+        log.info("removed %d leftover ClientApp pool folder(s)", len(removed))
+    return removed
 
 
 def patch_supernode_polling(poll_s: float) -> None:
@@ -124,7 +158,7 @@ def start_warm_pool() -> subprocess.Popen:
     import atexit
     import tempfile
 
-    folder = Path(tempfile.mkdtemp(prefix="fed-ndif-pool-"))
+    folder = Path(tempfile.mkdtemp(prefix=f"{POOL_PREFIX}{os.getpid()}-"))
     socket_path = folder / "pool.sock"
     shim = write_shim(folder / "bin", socket_path, flower_command("flwr-clientapp"))
     pool = subprocess.Popen([sys.executable, "-m", "fed_ndif.runtime.prefork", "serve",

@@ -1,0 +1,191 @@
+"""A site's SuperNode, kept running: ``fed-ndif site`` is a service, not a one-shot process.
+
+Flower's SuperNode ends on its own in ordinary situations: exit 0 when a restarted SuperLink
+no longer knows it (HTTP 401), exit 1 when its key is refused or the TLS handshake fails. The
+supervisor restarts it whatever the exit, with capped backoff, until SIGTERM or SIGINT. It says
+why in one line (:mod:`.reach` finds the cause), at most once a minute per cause, and swallows
+Flower's repeated "Connection attempt failed" lines. Before each start it releases the
+connection a crashed predecessor left open, so a site restarted at once is admitted at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fed_ndif.runtime.processes import Throttle, die_with_parent, stop_process
+from fed_ndif.runtime.reach import diagnose, release_node, remember_node, remembered_node
+
+log = logging.getLogger(__name__)
+
+FIRST_DELAY_S = 1.0
+MAX_DELAY_S = 30.0
+NODE_ID = re.compile(rb"SuperNode ID: (\d+)")
+
+
+@dataclass
+class Backoff:
+    """Delays that double from ``first_s`` up to ``max_s``; reset once a connection worked."""
+
+    first_s: float = FIRST_DELAY_S
+    max_s: float = MAX_DELAY_S
+    next_s: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.next_s = self.first_s
+
+    def __call__(self) -> float:
+        delay, self.next_s = self.next_s, min(self.next_s * 2, self.max_s)
+        return delay
+
+    def reset(self) -> None:
+        self.next_s = self.first_s
+
+
+@dataclass
+class Attempt:
+    """What one SuperNode process said before it ended."""
+
+    released: str | None = None  # release_node's answer before the start, if it was asked
+    node_id: int | None = None
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=40))
+    exiting: bool = False  # inside Flower's multi-line exit message
+
+    def saw(self, text: str) -> bool:
+        return any(text in line for line in self.tail)
+
+
+class SiteSupervisor:
+    """Runs ``command`` (the SuperNode) until stopped; see the module docstring."""
+
+    def __init__(self, command: list[str], env: dict[str, str], *, superlink: str, ca: Path,
+                 key: Path, name: str, port: int, on_exit=None):
+        self.command, self.env = command, env
+        self.superlink, self.ca, self.key, self.name, self.port = superlink, ca, key, name, port
+        self.on_exit = on_exit  # called after each SuperNode process ends (cleanup)
+        self.backoff, self.throttle = Backoff(), Throttle()
+        self.stopping = threading.Event()
+        self.child: subprocess.Popen | None = None
+
+    def _stop(self, signum: int, _frame: object) -> None:
+        self.stopping.set()
+        if self.child is not None and self.child.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.child.pid, signal.SIGTERM)
+
+    def run(self) -> None:
+        """Start, watch and restart the SuperNode until SIGTERM or SIGINT."""
+        previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM,
+                                                                       signal.SIGINT)}
+        try:
+            while not self.stopping.is_set():
+                problem = diagnose(self.superlink, self.ca)
+                if problem is not None:
+                    self._wait(problem)
+                    continue
+                attempt = Attempt(released=self._release())
+                self._run_once(attempt)
+                if self.on_exit is not None:
+                    self.on_exit()
+                if not self.stopping.is_set():
+                    self._wait(self._why(attempt))
+        finally:
+            if self.child is not None:
+                stop_process(self.child, timeout_s=20)
+            if self.on_exit is not None:
+                self.on_exit()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        log.info("site %s stopped", self.name)
+
+    def _wait(self, reason: str) -> None:
+        delay = self.backoff()
+        if self.throttle(reason):
+            log.warning("site %s: %s; retrying in %.0f s", self.name, reason, delay)
+        self.stopping.wait(delay)
+
+    def _release(self) -> str | None:
+        """Release the connection this site's last SuperNode may have left open."""
+        node_id = remembered_node(self.superlink, self.key)
+        if node_id is None:
+            return None
+        try:
+            answer = release_node(self.superlink, self.ca, self.key, node_id)
+        except Exception as exc:  # a failed release only costs a wait
+            log.debug("releasing node %d failed: %s", node_id, exc)
+            return None
+        if answer == "released":
+            log.info("site %s: released the connection its previous SuperNode (node %d) left "
+                     "open at the coordinator", self.name, node_id)
+        return answer
+
+    def _run_once(self, attempt: Attempt) -> None:
+        self.child = subprocess.Popen(self.command, env=self.env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, start_new_session=True,
+                                      preexec_fn=die_with_parent(signal.SIGTERM))
+        assert self.child.stdout is not None
+        for line in self.child.stdout:
+            self._line(line, attempt)
+        self.child.wait()
+        attempt.tail.append(f"exit code {self.child.returncode}")
+
+    def _line(self, line: bytes, attempt: Attempt) -> None:
+        text = line.decode(errors="replace").rstrip()
+        attempt.tail.append(text)
+        if match := NODE_ID.search(line):
+            attempt.node_id = int(match.group(1))
+            remember_node(self.superlink, self.key, attempt.node_id)
+            self.backoff.reset()
+        if "Exit Code:" in text:
+            attempt.exiting = True  # Flower's exit message: summarized by _why
+        if attempt.exiting or "SSL/TLS handshake error" in text:
+            return
+        if "Connection attempt failed" in text:
+            if self.throttle("connection lost"):
+                reason = diagnose(self.superlink, self.ca) or "the coordinator answered again"
+                log.warning("site %s: lost the coordinator: %s; the SuperNode keeps retrying",
+                            self.name, reason)
+            return
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+    def _why(self, attempt: Attempt) -> str:
+        """One line saying why the SuperNode ended."""
+        code = self.child.returncode if self.child is not None else None
+        if attempt.saw("Failed to activate SuperNode"):
+            if attempt.released in ("released", "offline"):
+                return ("the coordinator still holds this site's previous connection (another "
+                        "SuperNode with this key is connected?)")
+            unregistered = (f"the coordinator refused this site's key {self.key}: it is not "
+                            f"registered there (the coordinator registers {self.key.name}.pub "
+                            "with --register)")
+            if attempt.released is None:  # nothing known of an earlier connection here
+                return (f"{unregistered}, or it still holds a connection of this site from "
+                        "before a crash (let go within about a minute)")
+            return unregistered
+        if attempt.saw("address already in use") or attempt.saw("API failed to start"):
+            return (f"the SuperNode's local port {self.port} (--port) is taken by another "
+                    "process")
+        if attempt.node_id is not None and (code == 0 or attempt.saw("terminated gracefully")):
+            return ("the coordinator ended this site's connection (it restarted or the run "
+                    "stopped); reconnecting")
+        if problem := diagnose(self.superlink, self.ca):
+            return problem
+        last = next((line for line in reversed(attempt.tail) if line.strip()
+                     and not line.startswith("exit code")), "")
+        return f"the SuperNode exited with code {code} ({last.strip()[:160]})"
+
+
+def supervise(command: list[str], env: dict[str, str], **kwargs) -> None:
+    """Run a :class:`SiteSupervisor` until SIGTERM or SIGINT."""
+    SiteSupervisor(command, env, **kwargs).run()
+
