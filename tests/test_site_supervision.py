@@ -130,8 +130,8 @@ def test_run_watch_names_missing_sites_once_a_minute_and_gives_up():
         now[0] = float(second)
         watch(line)
     now[0] = 421.0
-    with pytest.raises(Exception, match="waited 300 s for sites .*missing: site_c; continue "
-                                        "with --resume"):
+    with pytest.raises(Exception, match=r"waited 300 s for sites .*missing: site_c; continue "
+                                        r"with --resume"):
         watch(line)
 
 

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,10 +69,11 @@ class SiteSupervisor:
     """Runs ``command`` (the SuperNode) until stopped; see the module docstring."""
 
     def __init__(self, command: list[str], env: dict[str, str], *, superlink: str, ca: Path,
-                 key: Path, name: str, port: int, on_exit=None):
+                 key: Path, name: str, port: int,
+                 on_admitted: Callable[[], None] | None = None):
         self.command, self.env = command, env
         self.superlink, self.ca, self.key, self.name, self.port = superlink, ca, key, name, port
-        self.on_exit = on_exit  # called after each SuperNode process ends (cleanup)
+        self.on_admitted = on_admitted  # called each time the coordinator admits the site
         self.backoff, self.throttle = Backoff(), Throttle()
         self.stopping = threading.Event()
         self.child: subprocess.Popen | None = None
@@ -94,15 +96,11 @@ class SiteSupervisor:
                     continue
                 attempt = Attempt(released=self._release())
                 self._run_once(attempt)
-                if self.on_exit is not None:
-                    self.on_exit()
                 if not self.stopping.is_set():
                     self._wait(self._why(attempt))
         finally:
             if self.child is not None:
                 stop_process(self.child, timeout_s=20)
-            if self.on_exit is not None:
-                self.on_exit()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         log.info("site %s stopped", self.name)
@@ -145,6 +143,8 @@ class SiteSupervisor:
             attempt.node_id = int(match.group(1))
             remember_node(self.superlink, self.key, attempt.node_id)
             self.backoff.reset()
+            if self.on_admitted is not None:
+                self.on_admitted()
         if "Exit Code:" in text:
             attempt.exiting = True  # Flower's exit message: summarized by _why
         if attempt.exiting or "SSL/TLS handshake error" in text:
