@@ -111,9 +111,12 @@ class SiteWatch:
         return len(online), sorted(name for node_id, name in self.names.items()
                                    if node_id not in online)
 
-    @staticmethod
-    def describe(missing: list[str]) -> str:
-        return ", ".join(missing) if missing else "unknown (keys registered before this start)"
+    def describe(self, missing: list[str]) -> str:
+        if missing:
+            return ", ".join(missing)
+        if self.names:
+            return "none of the registered sites (all are online)"
+        return "unknown (keys registered before this start)"
 
 
 def wait_for_sites(count: int, watch: SiteWatch, *, min_sites: int, timeout_s: float,

@@ -106,6 +106,7 @@ def release_node(address: str, ca: Path, key: Path, node_id: int) -> str:
     from flwr.supernode.fleet_http_client import FleetHttpClient
     from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
     private = load_ssh_private_key(key.read_bytes(), None)
     interceptor = NodeAuthHttpInterceptor(private, private.public_key())  # type: ignore[arg-type]
     with FleetHttpClient.from_server_address(address, False, str(ca),
