@@ -135,6 +135,36 @@ def test_run_watch_names_missing_sites_once_a_minute_and_gives_up():
         watch(line)
 
 
+class _Sites:
+    """A SiteWatch stand-in: ``online`` sites of site_a..site_c are online."""
+
+    def __init__(self, online: int):
+        self.count, self.calls = online, 0
+
+    def online(self):
+        self.calls += 1
+        return self.count, ["site_a", "site_b", "site_c"][self.count:]
+
+    describe = staticmethod(lambda missing: ", ".join(missing))
+
+
+def test_waiting_for_sites_starts_with_min_sites_or_fails_in_one_line(caplog):
+    from fed_ndif.errors import FedNdifError
+    from fed_ndif.runtime.coordinator import wait_for_sites
+
+    caplog.set_level("INFO")
+    wait_for_sites(3, _Sites(2), min_sites=2, timeout_s=0.3, poll_s=0.05)
+    assert "starting with 2 sites (fl.min_sites=2) after 0 s; missing: site_c" in caplog.text
+    sites = _Sites(1)
+    with pytest.raises(FedNdifError, match=r"^only 1 of 3 sites came online within 0 s "
+                                            r"\(--wait-for-sites-timeout\); missing: site_b, "
+                                            r"site_c$"):
+        wait_for_sites(3, sites, min_sites=2, timeout_s=0.3, poll_s=0.05)
+    assert sites.calls > 2  # it kept asking, but said so once
+    assert caplog.text.count("waiting for sites: 1 of 3 online; missing: site_b, site_c") == 1
+    wait_for_sites(2, _Sites(2), min_sites=2, timeout_s=0.0)  # enough: no wait
+
+
 def test_port_taken_fails_in_one_line():
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
