@@ -358,3 +358,36 @@ def test_leftover_pool_folders_of_dead_supernodes_are_removed(tmp_path, monkeypa
         (folder / "bin").mkdir(parents=True)
     assert clean_stale_pools() == [stale]
     assert not stale.exists() and live.exists()
+
+
+HELPER = """import os, sys, time
+parent = int(sys.argv[1])
+while True:  # as Flower's SuperExec: ends once its parent no longer exists (a zombie does)
+    time.sleep(0.2)
+    try:
+        os.kill(parent, 0)
+    except ProcessLookupError:
+        break
+"""
+
+
+def test_supervisor_reaps_a_supernode_whose_helper_still_holds_its_output(tmp_path,
+                                                                          monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    tag = new_tag()
+    child = (f"import os, subprocess, sys; subprocess.Popen([sys.executable, '-c', {HELPER!r}, "
+             "str(os.getpid())]); print('SuperNode ID: 5', flush=True)")
+    supervisor = SiteSupervisor([sys.executable, "-c", child], {**os.environ, PROCESS_TAG: tag},
+                                superlink=f"127.0.0.1:{free_port()}", ca=tmp_path / "ca.crt",
+                                key=tmp_path / "site_a", name="site_a", port=9094)
+    attempt = Attempt()
+    runner = threading.Thread(target=supervisor._run_once, args=(attempt,), daemon=True)
+    try:
+        runner.start()
+        runner.join(timeout=8)  # under EXIT_GRACE_S: the helper ended by itself
+        assert not runner.is_alive(), "the supervisor waited for the helper's end of file"
+        assert attempt.node_id == 5 and "exit code 0" in attempt.tail
+    finally:
+        kill_tagged(tag)

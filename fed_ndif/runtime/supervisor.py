@@ -14,11 +14,13 @@ import collections
 import contextlib
 import logging
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 
 FIRST_DELAY_S = 1.0
 MAX_DELAY_S = 30.0
+EXIT_GRACE_S = 10.0  # after the SuperNode exits, for its helpers to end and flush
 NODE_ID = re.compile(rb"SuperNode ID: (\d+)")
 
 
@@ -130,9 +133,33 @@ class SiteSupervisor:
         self.child = subprocess.Popen(self.command, env=self.env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, start_new_session=True,
                                       preexec_fn=die_with_parent(signal.SIGTERM))
-        assert self.child.stdout is not None
-        for line in self.child.stdout:
-            self._line(line, attempt)
+        # Flower's SuperExec shares the SuperNode's output pipe and exits only once its parent is
+        # gone, which a zombie is not: so the pipe is read on a thread and the SuperNode reaped
+        # here, without waiting for end-of-file. Lines are handled on this (the main) thread,
+        # which starts the warm pool: a parent-death signal follows the thread that forked.
+        lines: queue.Queue[bytes | None] = queue.Queue()
+
+        def pump(stream) -> None:
+            for line in stream:
+                lines.put(line)
+            lines.put(None)
+
+        threading.Thread(target=pump, args=(self.child.stdout,), daemon=True).start()
+        ended: float | None = None
+        while True:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                line = b""
+            if line is None:
+                break
+            if line:
+                self._line(line, attempt)
+            if ended is None and self.child.poll() is not None:
+                ended = time.monotonic()
+            elif ended is not None and time.monotonic() - ended > EXIT_GRACE_S:
+                with contextlib.suppress(ProcessLookupError):  # its helpers, still writing
+                    os.killpg(self.child.pid, signal.SIGKILL)
         self.child.wait()
         attempt.tail.append(f"exit code {self.child.returncode}")
 
