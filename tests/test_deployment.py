@@ -289,7 +289,11 @@ def test_a_coordinator_killed_mid_round_resumes_and_the_sites_rejoin_by_themselv
                              cwd=ROOT, timeout=120)
     assert refused.returncode == 2 and "pass --resume" in refused.stderr
 
-    coordinator(processes, "coordinator-resumed", run_dir, certs, port, "--resume")
+    register = [arg for name in SITES for arg in ("--register", str(certs / "nodes" /
+                                                                     f"{name}.pub"))]
+    processes.start("coordinator-resumed", [
+        sys.executable, "-m", "fed_ndif.cli", "coordinator", str(run_dir), "--resume",
+        "--certs", str(certs), "--port", str(port), *register])
     wait_for(lambda: processes.started["coordinator-resumed"][0].poll() is not None,
              "the resumed run to finish", processes, watch="coordinator-resumed")
     assert processes.started["coordinator-resumed"][0].returncode == 0, processes.dump()

@@ -188,7 +188,13 @@ def coordinator_config(run_dir: Path, overrides: Sequence[str], *, resume: bool
     if resume:
         if not saved.is_file():
             raise FedNdifError(f"{run_dir} holds no run to resume (no config.yaml)")
-        cfg = OmegaConf.merge(OmegaConf.load(saved), OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.load(saved)
+        for override in overrides:
+            key = override.partition("=")[0]
+            if OmegaConf.is_dict(OmegaConf.select(cfg, key)):
+                raise FedNdifError(f"{override}: {key} is a config group, fixed when the run "
+                                   "started; on --resume give single settings (key.name=value)")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     else:
         if latest_global_checkpoint(run_dir) is not None or saved.exists():
             raise FedNdifError(f"{run_dir} already holds a run; pass --resume to continue it or "

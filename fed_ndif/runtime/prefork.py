@@ -215,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # else a line per local API request
     serve(args.socket, target=args.target, parent_pid=args.parent_pid,
           preload=tuple(args.preload))
 

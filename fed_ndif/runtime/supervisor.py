@@ -34,6 +34,13 @@ FIRST_DELAY_S = 1.0
 MAX_DELAY_S = 30.0
 EXIT_GRACE_S = 10.0  # after the SuperNode exits, for its helpers to end and flush
 NODE_ID = re.compile(rb"SuperNode ID: (\d+)")
+TRACEBACK = ("Traceback (most recent call last):", "Exception in thread")
+LOG_LINE = re.compile(r"^(\x1b\[\d+m)?(DEBUG|INFO|WARNING|ERROR|CRITICAL)\b|^\d\d:\d\d:\d\d")
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
+# Flower's heartbeat thread dies with a traceback when a restarted SuperLink answers 401; the
+# supervisor says what happened in one line instead.
+EXPECTED_TRACEBACK = ("401 Unauthorized",)
+HTTPX_HINT = "For more information check: https://developer.mozilla.org"
 
 
 @dataclass
@@ -63,6 +70,7 @@ class Attempt:
     node_id: int | None = None
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=40))
     exiting: bool = False  # inside Flower's multi-line exit message
+    held: list[str] | None = None  # a traceback, until its exception line says what it is
 
     def saw(self, text: str) -> bool:
         return any(text in line for line in self.tail)
@@ -162,6 +170,8 @@ class SiteSupervisor:
                     os.killpg(self.child.pid, signal.SIGKILL)
         self.child.wait()
         attempt.tail.append(f"exit code {self.child.returncode}")
+        if attempt.held:
+            _emit(*attempt.held)
 
     def _line(self, line: bytes, attempt: Attempt) -> None:
         text = line.decode(errors="replace").rstrip()
@@ -182,8 +192,20 @@ class SiteSupervisor:
                 log.warning("site %s: lost the coordinator: %s; the SuperNode keeps retrying",
                             self.name, reason)
             return
-        sys.stdout.write(text + "\n")
-        sys.stdout.flush()
+        if attempt.held is not None and not LOG_LINE.match(text):
+            attempt.held.append(text)
+            if EXCEPTION_LINE.match(text):
+                held, attempt.held = attempt.held, None
+                if not any(expected in text for expected in EXPECTED_TRACEBACK):
+                    _emit(*held)
+            elif len(attempt.held) > 200:
+                _emit(*attempt.held)
+                attempt.held = None
+            return
+        if text.startswith(TRACEBACK):
+            attempt.held = [text]
+        elif not text.startswith(HTTPX_HINT):
+            _emit(text)
 
     def _why(self, attempt: Attempt) -> str:
         """One line saying why the SuperNode ended."""
@@ -210,6 +232,12 @@ class SiteSupervisor:
         last = next((line for line in reversed(attempt.tail) if line.strip()
                      and not line.startswith("exit code")), "")
         return f"the SuperNode exited with code {code} ({last.strip()[:160]})"
+
+
+def _emit(*lines: str) -> None:
+    """Pass the SuperNode's own lines on, as they were."""
+    sys.stdout.write("".join(f"{line}\n" for line in lines))
+    sys.stdout.flush()
 
 
 def supervise(command: list[str], env: dict[str, str], **kwargs) -> None:

@@ -391,3 +391,39 @@ def test_supervisor_reaps_a_supernode_whose_helper_still_holds_its_output(tmp_pa
         assert attempt.node_id == 5 and "exit code 0" in attempt.tail
     finally:
         kill_tagged(tag)
+
+
+HEARTBEAT_401 = """Exception in thread Thread-3 (_run):
+Traceback (most recent call last):
+  File "/x/threading.py", line 982, in run
+    INFO 2026-12-01 11:36:48,264:      SuperNode terminated gracefully.
+self._target(*self._args, **self._kwargs)
+  File "/x/flwr/supercore/protobuf/client.py", line 188, in send
+    raise HTTPStatusError(message, request=request, response=self)
+httpx.HTTPStatusError: Client error '401 Unauthorized' for url 'https://h:1/v1/fleet/send-node-heartbeat'
+For more information check: https://developer.mozilla.org/en-US/docs/Web/HTTP/Status/401
+INFO:     Shutting down"""
+
+
+def test_supervisor_drops_flowers_401_traceback_and_keeps_others(tmp_path, capsys):
+    supervisor = _supervisor(tmp_path)
+    attempt = Attempt()
+    for line in HEARTBEAT_401.splitlines():
+        supervisor._line(f"{line}\n".encode(), attempt)
+    assert capsys.readouterr().out == "INFO:     Shutting down\n"
+    assert attempt.saw("SuperNode terminated gracefully")
+    other = ["Traceback (most recent call last):", '  File "x.py", line 1, in <module>',
+             "ValueError: bad node config"]
+    for line in other:
+        supervisor._line(f"{line}\n".encode(), attempt)
+    assert capsys.readouterr().out.splitlines() == other
+
+
+def test_resume_refuses_a_config_group_override_in_one_line(tmp_path):
+    from fed_ndif.errors import FedNdifError
+    from fed_ndif.runtime.coordinator import coordinator_config
+
+    (tmp_path / "config.yaml").write_text("model:\n  name: tiny\nfl:\n  rounds: 2\n")
+    with pytest.raises(FedNdifError, match="model=tiny: model is a config group"):
+        coordinator_config(tmp_path, ["model=tiny"], resume=True)
+    assert coordinator_config(tmp_path, ["fl.rounds=3"], resume=True)["fl"]["rounds"] == 3
