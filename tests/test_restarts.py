@@ -407,7 +407,7 @@ INFO:     Shutting down"""
 
 def test_supervisor_drops_flowers_401_traceback_and_keeps_others(tmp_path, capsys):
     supervisor = _supervisor(tmp_path)
-    attempt = Attempt()
+    attempt = Attempt(node_id=1)  # admitted: lines pass at once
     for line in HEARTBEAT_401.splitlines():
         supervisor._line(f"{line}\n".encode(), attempt)
     assert capsys.readouterr().out == "INFO:     Shutting down\n"
@@ -427,3 +427,21 @@ def test_resume_refuses_a_config_group_override_in_one_line(tmp_path):
     with pytest.raises(FedNdifError, match="model=tiny: model is a config group"):
         coordinator_config(tmp_path, ["model=tiny"], resume=True)
     assert coordinator_config(tmp_path, ["fl.rounds=3"], resume=True)["fl"]["rounds"] == 3
+
+
+def test_start_up_lines_wait_for_admission(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    supervisor = _supervisor(tmp_path)
+    refused = Attempt()
+    for line in (b"INFO : Starting Flower SuperNode\n", b"INFO:     Uvicorn running\n"):
+        supervisor._line(line, refused)
+    assert capsys.readouterr().out == ""  # a refused try repeats nothing of Flower's
+    assert list(refused.pending) == ["INFO : Starting Flower SuperNode",
+                                     "INFO:     Uvicorn running"]
+    admitted = Attempt()
+    for line in (b"INFO : Starting Flower SuperNode\n", b"INFO : SuperNode ID: 3\n"):
+        supervisor._line(line, admitted)
+    assert capsys.readouterr().out.splitlines() == ["INFO : Starting Flower SuperNode",
+                                                    "INFO : SuperNode ID: 3"]

@@ -41,6 +41,7 @@ EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b
 # supervisor says what happened in one line instead.
 EXPECTED_TRACEBACK = ("401 Unauthorized",)
 HTTPX_HINT = "For more information check: https://developer.mozilla.org"
+UNEXPECTED = "the SuperNode exited with code"
 
 
 @dataclass
@@ -71,6 +72,16 @@ class Attempt:
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=40))
     exiting: bool = False  # inside Flower's multi-line exit message
     held: list[str] | None = None  # a traceback, until its exception line says what it is
+    # Until the site is admitted, the SuperNode's start-up lines: shown once it is, dropped if
+    # it ends first for a reason the supervisor names (else a refused key would repeat a
+    # screenful of Flower's start-up lines at every try).
+    pending: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
+
+    def emit(self, *lines: str) -> None:
+        if self.node_id is None:
+            self.pending.extend(lines)
+        else:
+            _emit(*lines)
 
     def saw(self, text: str) -> bool:
         return any(text in line for line in self.tail)
@@ -108,7 +119,10 @@ class SiteSupervisor:
                 attempt = Attempt(released=self._release())
                 self._run_once(attempt)
                 if not self.stopping.is_set():
-                    self._wait(self._why(attempt))
+                    why = self._why(attempt)
+                    if why.startswith(UNEXPECTED):
+                        _emit(*attempt.pending)  # what the supervisor cannot summarize
+                    self._wait(why)
         finally:
             if self.child is not None:
                 stop_process(self.child, timeout_s=20)
@@ -171,13 +185,15 @@ class SiteSupervisor:
         self.child.wait()
         attempt.tail.append(f"exit code {self.child.returncode}")
         if attempt.held:
-            _emit(*attempt.held)
+            attempt.emit(*attempt.held)
 
     def _line(self, line: bytes, attempt: Attempt) -> None:
         text = line.decode(errors="replace").rstrip()
         attempt.tail.append(text)
         if match := NODE_ID.search(line):
             attempt.node_id = int(match.group(1))
+            _emit(*attempt.pending)
+            attempt.pending.clear()
             remember_node(self.superlink, self.key, attempt.node_id)
             self.backoff.reset()
             if self.on_admitted is not None:
@@ -197,15 +213,15 @@ class SiteSupervisor:
             if EXCEPTION_LINE.match(text):
                 held, attempt.held = attempt.held, None
                 if not any(expected in text for expected in EXPECTED_TRACEBACK):
-                    _emit(*held)
+                    attempt.emit(*held)
             elif len(attempt.held) > 200:
-                _emit(*attempt.held)
+                attempt.emit(*attempt.held)
                 attempt.held = None
             return
         if text.startswith(TRACEBACK):
             attempt.held = [text]
         elif not text.startswith(HTTPX_HINT):
-            _emit(text)
+            attempt.emit(text)
 
     def _why(self, attempt: Attempt) -> str:
         """One line saying why the SuperNode ended."""
@@ -231,7 +247,7 @@ class SiteSupervisor:
             return problem
         last = next((line for line in reversed(attempt.tail) if line.strip()
                      and not line.startswith("exit code")), "")
-        return f"the SuperNode exited with code {code} ({last.strip()[:160]})"
+        return f"{UNEXPECTED} {code} ({last.strip()[:160]})"
 
 
 def _emit(*lines: str) -> None:
