@@ -269,9 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "site", help="join a federation as a site (a SuperNode with TLS and the site's key)",
-        description="Start this site's SuperNode: it connects to the coordinator over TLS, "
-                    "authenticates with the site's private key and trains on DATA only. Only "
-                    "weights and numeric metrics leave the site. See deploy/README.md.",
+        description="Start this site's SuperNode and keep it running: it connects to the "
+                    "coordinator over TLS, authenticates with the site's private key and trains "
+                    "on DATA only; it is restarted whatever ends it (a coordinator restart, a "
+                    "lost connection) until SIGTERM or Ctrl-C, and says in one line why it "
+                    "cannot connect. Only weights and numeric metrics leave the site. See "
+                    "deploy/README.md.",
     )
     p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the coordinator")
     p.add_argument("--ca", required=True, metavar="CA.crt", help="the federation's CA "
