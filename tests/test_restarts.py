@@ -173,6 +173,7 @@ def test_port_taken_fails_in_one_line():
     check_port_free("127.0.0.1", port, what="test")  # free again
 
 
+@pytest.mark.multiprocess
 def test_the_watchdog_kills_the_tree_of_a_parent_killed_with_sigkill(tmp_path):
     """A parent's grandchildren (its own session, no parent-death signal) die with it."""
     tag = new_tag()
@@ -287,6 +288,7 @@ def _site(superlink: str, ca: Path, certs: Path, data: Path, log_file: Path,
             env={**os.environ, PROCESS_TAG: tag, "FLWR_TELEMETRY_ENABLED": "0"})
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("case", ["wrong-ca", "plain-http"])
 def test_a_site_that_cannot_connect_says_why_once_and_keeps_trying(case, tmp_path, tls_server,
@@ -324,7 +326,6 @@ def test_a_site_that_cannot_connect_says_why_once_and_keeps_trying(case, tmp_pat
     assert "site site_a stopped" in log_file.read_text()
 
 
-@pytest.mark.multiprocess
 def test_taken_ports_and_bad_addresses_fail_in_one_line(tmp_path, certs, site_data, capsys):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
@@ -371,6 +372,7 @@ while True:  # as Flower's SuperExec: ends once its parent no longer exists (a z
 """
 
 
+@pytest.mark.multiprocess
 def test_supervisor_reaps_a_supernode_whose_helper_still_holds_its_output(tmp_path,
                                                                           monkeypatch):
     import tempfile
