@@ -97,11 +97,13 @@ class SiteSupervisor:
         self.superlink, self.ca, self.key, self.name, self.port = superlink, ca, key, name, port
         self.on_admitted = on_admitted  # called each time the coordinator admits the site
         self.backoff, self.throttle = Backoff(), Throttle()
-        self.stopping = threading.Event()
+        # A plain flag, not a threading.Event: the signal handler runs on the thread that may
+        # be inside Event.wait, and Event.set would take the lock that thread holds.
+        self.stopping = False
         self.child: subprocess.Popen | None = None
 
     def _stop(self, signum: int, _frame: object) -> None:
-        self.stopping.set()
+        self.stopping = True
         if self.child is not None and self.child.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.child.pid, signal.SIGTERM)
@@ -111,14 +113,14 @@ class SiteSupervisor:
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGTERM,
                                                                        signal.SIGINT)}
         try:
-            while not self.stopping.is_set():
+            while not self.stopping:
                 problem = diagnose(self.superlink, self.ca)
                 if problem is not None:
                     self._wait(problem)
                     continue
                 attempt = Attempt(released=self._release())
                 self._run_once(attempt)
-                if not self.stopping.is_set():
+                if not self.stopping:
                     why = self._why(attempt)
                     if why.startswith(UNEXPECTED):
                         _emit(*attempt.pending)  # what the supervisor cannot summarize
@@ -134,7 +136,9 @@ class SiteSupervisor:
         delay = self.backoff()
         if self.throttle(reason):
             log.warning("site %s: %s; retrying in %.0f s", self.name, reason, delay)
-        self.stopping.wait(delay)
+        deadline = time.monotonic() + delay
+        while not self.stopping and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.2))
 
     def _release(self) -> str | None:
         """Release the connection this site's last SuperNode may have left open."""
