@@ -186,6 +186,8 @@ class SiteSupervisor:
             elif ended is not None and time.monotonic() - ended > EXIT_GRACE_S:
                 with contextlib.suppress(ProcessLookupError):  # its helpers, still writing
                     os.killpg(self.child.pid, signal.SIGKILL)
+                if time.monotonic() - ended > 2 * EXIT_GRACE_S:
+                    break  # a process outside its group holds the pipe: stop reading it
         self.child.wait()
         attempt.tail.append(f"exit code {self.child.returncode}")
         if attempt.held:
