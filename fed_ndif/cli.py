@@ -355,8 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=9092, help="the SuperLink's port (default: 9092)")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its "
                    "latest global checkpoint")
-    p.add_argument("--wait-for-sites", type=int, default=0, metavar="N", help="start the run "
-                   "only once N sites are online (default: 0, the run waits for fl.min_sites)")
+    p.add_argument("--wait-for-sites", type=int, default=None, metavar="N", help="start the "
+                   "run once N sites are online (default: fl.min_sites; 0: do not wait)")
+    p.add_argument("--wait-for-sites-timeout", type=float, default=600.0, metavar="S",
+                   help="how long the run waits for sites, before it and whenever a round "
+                   "lacks fl.min_sites; then it starts with fl.min_sites if that many are "
+                   "online, else fails (default: 600)")
     p.add_argument("--state-db", action="store_true", help="keep the SuperLink's state in "
                    "RUN_DIR/state.db instead of memory (SQLite: can answer 'database is locked' "
                    "on a busy machine)")
@@ -364,9 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "site", help="join a federation as a site (a SuperNode with TLS and the site's key)",
-        description="Start this site's SuperNode: it connects to the coordinator over TLS, "
-                    "authenticates with the site's private key and trains on DATA only. Only "
-                    "weights and numeric metrics leave the site. See deploy/README.md.",
+        description="Start this site's SuperNode and keep it running: it connects to the "
+                    "coordinator over TLS, authenticates with the site's private key and trains "
+                    "on DATA only; it is restarted whatever ends it (a coordinator restart, a "
+                    "lost connection) until SIGTERM or Ctrl-C, and says in one line why it "
+                    "cannot connect. Only weights and numeric metrics leave the site. See "
+                    "deploy/README.md.",
     )
     p.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the coordinator")
     p.add_argument("--ca", required=True, metavar="CA.crt", help="the federation's CA "
@@ -394,7 +401,7 @@ def _coordinator(args: argparse.Namespace) -> None:
     out = run_coordinator(Path(args.run_dir), args.overrides, certs_dir=Path(args.certs),
                           site_keys=[Path(k) for k in args.register], host=args.host,
                           port=args.port, resume=args.resume, wait_sites=args.wait_for_sites,
-                          state_db=args.state_db)
+                          wait_timeout_s=args.wait_for_sites_timeout, state_db=args.state_db)
     log.info("federation finished: run folder %s", out)
 
 

@@ -96,6 +96,20 @@ def test_stopping_the_shim_stops_its_task(pool, tmp_path, fake_real):
     _wait_for(lambda: not _alive(child))
 
 
+def test_a_task_dies_with_its_shim_even_when_the_shim_is_killed(pool, tmp_path, fake_real):
+    """Killed with its SuperNode's process group, the shim cannot relay: the task ends too."""
+    _, socket_path = pool
+    shim = _shim(tmp_path, socket_path, fake_real)
+    out = tmp_path / "task.json"
+    task = subprocess.Popen([str(shim), str(out), "0", "sleep"], stdout=subprocess.DEVNULL)
+    _wait_for(out.exists)
+    child = json.loads(out.read_text())["pid"]
+    assert _alive(child)
+    task.kill()
+    task.wait(timeout=20)
+    _wait_for(lambda: not _alive(child))
+
+
 def test_without_a_pool_the_shim_runs_the_real_command(tmp_path, fake_real):
     shim = _shim(tmp_path, tmp_path / "absent.sock", fake_real)
     result = subprocess.run([str(shim), "--token", "abc"], capture_output=True, text=True,

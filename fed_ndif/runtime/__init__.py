@@ -6,7 +6,9 @@ machinery, and so that the simulation and the real deployment start their SuperL
 - :mod:`.processes`: launching, stopping and finding the processes we start.
 - :mod:`.superlink`: the one way to start a SuperLink and run the app on it.
 - :mod:`.coordinator`: ``fed-ndif coordinator`` (TLS SuperLink, site keys, the run).
-- :mod:`.site`: ``fed-ndif site`` (a site's SuperNode).
+- :mod:`.site`: ``fed-ndif site`` (a site's SuperNode, its warm pool).
+- :mod:`.supervisor`: keeps a site's SuperNode running across coordinator restarts and crashes.
+- :mod:`.reach`: why a site cannot reach its coordinator; releasing a crashed node's connection.
 - :mod:`.prefork`: the sites' warm ClientApp pool.
 - :mod:`.simulation`: a Flower simulation of the federation on 127.0.0.1.
 """

@@ -27,6 +27,7 @@ import signal
 import socket
 import stat
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -118,6 +119,17 @@ def _exit_status(code: object) -> int:
     return code if isinstance(code, int) else 1
 
 
+def _die_with_shim(conn: socket.socket) -> None:
+    """End this task when its shim is gone (its SuperNode stopped or was killed).
+
+    The shim never writes after its request, so the read returns only when it has exited; a
+    task forked by the pool is outside the SuperNode's process group and would else live on.
+    """
+    with contextlib.suppress(OSError):
+        conn.recv(1)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _run_task(conn: socket.socket, fds: list[int], size: int, target: str) -> int:
     """In the forked child: become the shim's task, run ``target``, return its exit status."""
     task = json.loads(_receive(conn, size))
@@ -129,6 +141,7 @@ def _run_task(conn: socket.socket, fds: list[int], size: int, target: str) -> in
     os.chdir(task["cwd"])
     sys.argv = [target.rpartition(":")[2].replace("_", "-"), *task["argv"]]
     conn.sendall(os.getpid().to_bytes(HEADER, "big"))
+    threading.Thread(target=_die_with_shim, args=(conn,), daemon=True).start()
     try:
         _load(target)()
         return 0
@@ -215,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # else a line per local API request
     serve(args.socket, target=args.target, parent_pid=args.parent_pid,
           preload=tuple(args.preload))
 

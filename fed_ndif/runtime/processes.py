@@ -1,12 +1,19 @@
 """Launching, stopping and finding the processes fed-ndif starts: the one home for that.
 
 Every process started here gets its own session (process group) and is stopped by its id;
-processes its children leave behind are found by an environment tag and stopped too.
+processes its children leave behind are found by an environment tag and stopped too. A process
+never outlives the one that started it: direct children get a parent-death signal (Linux
+``PR_SET_PDEATHSIG``), and a watchdog kills the whole tagged tree when its parent dies, even by
+``kill -9`` (grandchildren such as Flower's SuperExec and ServerApp get no such signal).
+
+    python -m fed_ndif.runtime.processes watchdog TAG   # stdin: a pipe held by the parent
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import logging
 import os
 import shutil
@@ -15,7 +22,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +71,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def check_port_free(host: str, port: int, *, what: str) -> None:
+    """Fail in one line when ``host:port`` is taken, before anything claims to listen on it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise FedNdifError(f"port {port} on {host} is taken by another process ({what}; "
+                                   "find it with `ss -ltnp`)") from None
+            raise FedNdifError(f"cannot listen on {host}:{port} ({what}): "
+                               f"{exc.strerror}") from None
+
+
 def wait_for_port(port: int, process: subprocess.Popen, log_file: Path, *,
                   host: str = "127.0.0.1", what: str = "the local SuperLink",
                   timeout_s: float = SUPERLINK_START_TIMEOUT_S) -> None:
@@ -77,6 +99,47 @@ def wait_for_port(port: int, process: subprocess.Popen, log_file: Path, *,
                 return
         time.sleep(0.2)
     raise FedNdifError(f"{what} did not start within {timeout_s:.0f} s; see {log_file}")
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the child get ``sig`` when its parent dies (Linux).
+
+    Chosen over polling the parent: the kernel delivers it at once, even after ``kill -9``.
+    It only reaches direct children; :func:`start_watchdog` covers their descendants.
+    """
+    parent = os.getpid()
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork
+    except (OSError, AttributeError):  # not Linux: the watchdog alone stops the tree
+        return lambda: None
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+def start_watchdog(tag: str) -> subprocess.Popen:
+    """A process that SIGKILLs every process tagged ``tag`` once this process is gone.
+
+    It waits for end-of-file on a pipe whose writing end only this process holds (the kernel
+    closes it however this process ends), so it reacts at once and polls nothing.
+    """
+    return subprocess.Popen([sys.executable, "-m", "fed_ndif.runtime.processes", "watchdog",
+                             tag], stdin=subprocess.PIPE, start_new_session=True,
+                            env={**os.environ, PROCESS_TAG: f"{tag}-watchdog"})
+
+
+def _watchdog(tag: str) -> None:
+    parent = os.getppid()  # spared when it closes the pipe itself, alive
+    while sys.stdin.buffer.read(4096):
+        pass
+    kill_tagged(tag, exclude=(parent,))
 
 
 def stop_process(process: subprocess.Popen, *, sig: int = signal.SIGTERM,
@@ -94,8 +157,9 @@ def stop_process(process: subprocess.Popen, *, sig: int = signal.SIGTERM,
         process.wait()
 
 
-def tagged(tag: str) -> list[int]:
-    """Live processes whose environment carries ``PROCESS_TAG=tag`` (Linux /proc)."""
+def tagged(tag: str, *, exclude: Collection[int] = ()) -> list[int]:
+    """Live processes whose environment carries ``PROCESS_TAG=tag`` (Linux /proc), this one
+    and ``exclude`` left out."""
     needle = f"{PROCESS_TAG}={tag}".encode()
     found = []
     for proc in Path("/proc").glob("[0-9]*"):
@@ -104,13 +168,13 @@ def tagged(tag: str) -> list[int]:
                 found.append(int(proc.name))
         except (OSError, ValueError):
             continue
-    return [pid for pid in found if pid != os.getpid()]
+    return [pid for pid in found if pid != os.getpid() and pid not in exclude]
 
 
-def kill_tagged(tag: str, *, timeout_s: float = 15.0) -> None:
+def kill_tagged(tag: str, *, timeout_s: float = 15.0, exclude: Collection[int] = ()) -> None:
     """SIGKILL the tagged processes and wait until they are gone."""
     deadline = time.monotonic() + timeout_s
-    while (pids := tagged(tag)) and time.monotonic() < deadline:
+    while (pids := tagged(tag, exclude=exclude)) and time.monotonic() < deadline:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -150,24 +214,47 @@ def write_connection(flwr_home: Path, address: str, *, root_certificates: Path |
         {"superlink": {"default": name, name: connection}}))
 
 
+class Throttle:
+    """Whether a repeated condition may be logged again: at most once per ``interval_s`` each,
+    so a state that lasts hours costs a line a minute, not a line a second."""
+
+    def __init__(self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self.interval_s, self.clock = interval_s, clock
+        self.last: dict[object, float] = {}
+
+    def __call__(self, key: object) -> bool:
+        now = self.clock()
+        if key in self.last and now - self.last[key] < self.interval_s:
+            return False
+        self.last[key] = now
+        return True
+
+
 def stream_process(command: list[str], env: dict[str, str], log_file: Path, *,
-                   echo: bool = True, on_line: Callable[[bytes], None] | None = None) -> int:
+                   echo: bool = True, on_line: Callable[[bytes], None] | None = None,
+                   repeats: Callable[[bytes], object] | None = None) -> int:
     """Run ``command`` in its own session, copying its output to ``log_file`` (and stderr with
-    ``echo``); ``on_line`` sees every line as it comes (to follow progress)."""
+    ``echo``); ``on_line`` sees every line as it comes (to follow progress). Lines for which
+    ``repeats`` gives a key (not None) are copied at most once a minute per key."""
+    throttle = Throttle()
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("ab") as out:
         process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+                                   stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=die_with_parent())
         try:
             assert process.stdout is not None
             for line in process.stdout:
+                if on_line is not None:
+                    on_line(line)
+                key = None if repeats is None else repeats(line)
+                if key is not None and not throttle(key):
+                    continue
                 out.write(line)
                 out.flush()
                 if echo:
                     sys.stderr.buffer.write(line)
                     sys.stderr.flush()
-                if on_line is not None:
-                    on_line(line)
             process.wait()
         finally:
             stop_process(process)
@@ -185,3 +272,11 @@ def terminate_on_sigterm() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "watchdog":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the parent
+        _watchdog(sys.argv[2])
+    else:
+        sys.exit("usage: python -m fed_ndif.runtime.processes watchdog TAG")

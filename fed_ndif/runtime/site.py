@@ -1,9 +1,14 @@
 """``fed-ndif site``: a site's SuperNode (TLS, its private key, its data folder as node config).
 
-The SuperNode runs through this module's entry point, which can shorten Flower's idle poll and
-start the warm ClientApp pool before handing over to Flower's own ``flower-supernode``:
+``fed-ndif site`` checks its inputs, then supervises the SuperNode (:mod:`.supervisor`):
+restarted whatever its exit until SIGTERM/SIGINT. The SuperNode runs through this module's
+entry point, which can shorten Flower's idle poll and start the warm ClientApp pool before
+handing over to Flower's own ``flower-supernode``:
 
-    python -m fed_ndif.runtime.site supernode [--poll-interval S] [--warm-pool] -- ARGS
+    python -m fed_ndif.runtime.site supernode [--poll-interval S] -- ARGS
+
+The warm ClientApp pool belongs to the supervising process (:class:`WarmPool`): started once
+the site is first admitted, it outlives SuperNode restarts and is removed when the site stops.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -22,13 +28,19 @@ from typing import Any
 from fed_ndif.data.manifest import MANIFEST_NAME, manifest_path
 from fed_ndif.errors import FedNdifError
 from fed_ndif.runtime.prefork import write_shim
-from fed_ndif.runtime.processes import flower_command, flower_env
+from fed_ndif.runtime.processes import (
+    check_port_free,
+    die_with_parent,
+    flower_command,
+    flower_env,
+)
 
 log = logging.getLogger(__name__)
 
 # The SuperNode asks the SuperLink for work every 3 s when idle (hard-coded in Flower 1.42);
 # this module's SuperNode entry point can shorten it (see patch_supernode_polling).
 SUPERNODE_POLL_S = 1.0
+POOL_PREFIX = "fed-ndif-pool-"  # + the SuperNode's pid: /tmp/fed-ndif-pool-PID-XXXX
 
 
 def check_private_key(path: Path) -> Path:
@@ -61,9 +73,12 @@ def supernode_args(*, superlink: str, ca: Path, key: Path, data: Path, name: str
 
 def site_command(*, superlink: str, ca: Path, key: Path, data: Path, name: str | None = None,
                  device: str = "auto", port: int = 9094, poll_s: float = SUPERNODE_POLL_S,
-                 warm_pool: bool = True) -> tuple[list[str], dict[str, str]]:
+                 ) -> tuple[list[str], dict[str, str]]:
     """Checked command line and environment that start a site's SuperNode."""
-    if ":" not in superlink:
+    if "://" in superlink:
+        raise FedNdifError(f"--superlink {superlink!r}: give HOST:PORT, without a scheme (the "
+                           "connection is always TLS)")
+    if ":" not in superlink or not superlink.rpartition(":")[2].isdigit():
         raise FedNdifError(f"--superlink {superlink!r}: give HOST:PORT")
     if not ca.is_file():
         raise FedNdifError(f"CA certificate {ca} does not exist (get ca.crt from the "
@@ -79,18 +94,53 @@ def site_command(*, superlink: str, ca: Path, key: Path, data: Path, name: str |
     args = supernode_args(superlink=superlink, ca=ca.resolve(), key=key.resolve(),
                           data=data, name=name, device=device, port=port)
     command = [sys.executable, "-m", "fed_ndif.runtime.site", "supernode", "--poll-interval",
-               f"{poll_s:g}", *(["--warm-pool"] if warm_pool else []), "--", *args]
+               f"{poll_s:g}", "--", *args]
     return command, flower_env(None)
 
 
 def run_site(**kwargs: Any) -> None:
-    """Replace this process with the site's SuperNode (signals then reach it directly)."""
+    """Run the site's SuperNode under :class:`~.supervisor.SiteSupervisor` until SIGTERM or
+    SIGINT; start-up failures (a missing file, a taken --port) end it in one line."""
+    from fed_ndif.runtime.supervisor import supervise
+
+    warm_pool = kwargs.pop("warm_pool", True)
     command, env = site_command(**kwargs)
-    log.info("starting the SuperNode of site %s: %s", kwargs.get("name") or "?",
-             " ".join(command[5:]))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execvpe(command[0], command, env)
+    port = int(kwargs.get("port", 9094))
+    check_port_free("127.0.0.1", port, what="the SuperNode's local ClientApp API, --port")
+    clean_stale_pools()
+    name = kwargs.get("name") or site_manifest_path(Path(kwargs["data"]).resolve()).parent.name
+    log.info("starting the SuperNode of site %s: %s", name, " ".join(command[5:]))
+    pool = WarmPool() if warm_pool else None
+    try:
+        supervise(command, env if pool is None else pool.environment(env),
+                  superlink=kwargs["superlink"], ca=Path(kwargs["ca"]).resolve(),
+                  key=Path(kwargs["key"]).resolve(), name=name, port=port,
+                  on_admitted=None if pool is None else pool.start)
+    finally:
+        if pool is not None:
+            pool.stop()
+
+
+def clean_stale_pools() -> list[Path]:
+    """Remove ClientApp pool folders of sites that are gone (killed before they could)."""
+    import tempfile
+
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{POOL_PREFIX}*"):
+        pid = folder.name[len(POOL_PREFIX):].split("-")[0]
+        with contextlib.suppress(OSError):
+            if not pid.isdigit() or folder.stat().st_uid != os.getuid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+                continue  # its site still runs
+            except ProcessLookupError:
+                pass
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    if removed:
+        log.info("removed %d leftover ClientApp pool folder(s)", len(removed))
+    return removed
 
 
 def patch_supernode_polling(poll_s: float) -> None:
@@ -118,27 +168,34 @@ def patch_supernode_polling(poll_s: float) -> None:
     sci.time = shim  # type: ignore[assignment]
 
 
-def start_warm_pool() -> subprocess.Popen:
-    """Start the ClientApp pool and put its ``flwr-clientapp`` shim first on this process's
-    PATH, which the SuperNode's SuperExec inherits. Stopped when this process exits."""
-    import atexit
-    import tempfile
+class WarmPool:
+    """A site's ClientApp pool (:mod:`.prefork`) and the ``flwr-clientapp`` shim that the
+    SuperNode finds first on its PATH. Until the pool runs, the shim runs Flower's own
+    command, so the pool (seconds of imports) is started only once the site is admitted."""
 
-    folder = Path(tempfile.mkdtemp(prefix="fed-ndif-pool-"))
-    socket_path = folder / "pool.sock"
-    shim = write_shim(folder / "bin", socket_path, flower_command("flwr-clientapp"))
-    pool = subprocess.Popen([sys.executable, "-m", "fed_ndif.runtime.prefork", "serve",
-                             str(socket_path), "--parent-pid", str(os.getpid())])
-    os.environ["PATH"] = os.pathsep.join([str(shim.parent), os.environ.get("PATH", "")])
+    def __init__(self) -> None:
+        import tempfile
 
-    def stop() -> None:
-        pool.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            pool.wait(timeout=5)
-        shutil.rmtree(folder, ignore_errors=True)
+        self.folder = Path(tempfile.mkdtemp(prefix=f"{POOL_PREFIX}{os.getpid()}-"))
+        self.socket = self.folder / "pool.sock"
+        self.shim = write_shim(self.folder / "bin", self.socket, flower_command("flwr-clientapp"))
+        self.process: subprocess.Popen | None = None
 
-    atexit.register(stop)
-    return pool
+    def environment(self, env: dict[str, str]) -> dict[str, str]:
+        return {**env, "PATH": os.pathsep.join([str(self.shim.parent), env.get("PATH", "")])}
+
+    def start(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "fed_ndif.runtime.prefork", "serve", str(self.socket),
+                 "--parent-pid", str(os.getpid())], preexec_fn=die_with_parent(signal.SIGTERM))
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=5)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def supernode_main(argv: Sequence[str]) -> None:
@@ -147,8 +204,6 @@ def supernode_main(argv: Sequence[str]) -> None:
 
     parser = argparse.ArgumentParser(prog="fed_ndif.runtime.site supernode")
     parser.add_argument("--poll-interval", type=float, default=3.0)
-    parser.add_argument("--warm-pool", action="store_true",
-                        help="run ClientApp tasks in a warm pool (fed_ndif.runtime.prefork)")
     parser.add_argument("args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
     flower_args = ns.args[1:] if ns.args[:1] == ["--"] else ns.args
@@ -158,8 +213,6 @@ def supernode_main(argv: Sequence[str]) -> None:
     update_console_handler(timestamps=True, colored=False)
     if ns.poll_interval < 3.0:
         patch_supernode_polling(max(0.1, ns.poll_interval))
-    if ns.warm_pool:
-        start_warm_pool()
     sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()
 

@@ -16,12 +16,15 @@ from pathlib import Path
 from fed_ndif.errors import FedNdifError
 from fed_ndif.runtime.processes import (
     PROCESS_TAG,
+    check_port_free,
+    die_with_parent,
     flower_command,
     flower_env,
     free_port,
     kill_tagged,
     new_tag,
     project_root,
+    start_watchdog,
     stop_process,
     stream_process,
     wait_for_port,
@@ -68,7 +71,10 @@ def superlink(*, flwr_home: Path, log_file: Path, tls: ServerCerts | None = None
     of the SuperLink's own SuperExec (None: :func:`flower_env`'s).
     """
     # Flower 1.42 serves the Control, Fleet and Runtime APIs on one HTTP port.
-    port = free_port() if port is None else port
+    if port is None:
+        port = free_port()
+    else:
+        check_port_free(host, port, what="a coordinator still running, or another server")
     log_file.parent.mkdir(parents=True, exist_ok=True)
     if tls is None:
         command = [flower_command("flower-superlink"), "--insecure"]
@@ -86,12 +92,16 @@ def superlink(*, flwr_home: Path, log_file: Path, tls: ServerCerts | None = None
     if superexec_poll_s is not None:
         extra["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(superexec_poll_s)
     env = flower_env(flwr_home, **extra)
+    watchdog = start_watchdog(tag)
     with log_file.open("ab") as out:
         process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=die_with_parent())
     try:
         wait_for_port(port, process, log_file, host=client_host(host),
                       what="the local SuperLink" if simulation else "the SuperLink")
+        if process.poll() is not None:  # the port answered, but not from our SuperLink
+            raise FedNdifError(f"the SuperLink exited with code {process.returncode}; see "
+                               f"{log_file}")
         if tls is not None:
             log.info("SuperLink (TLS, SuperNode authentication) listening on %s:%d; log %s",
                      host, port, log_file)
@@ -99,15 +109,20 @@ def superlink(*, flwr_home: Path, log_file: Path, tls: ServerCerts | None = None
     finally:
         stop_process(process)
         kill_tagged(tag)
+        if watchdog.stdin is not None:
+            watchdog.stdin.close()  # it finds nothing left to stop and exits
+        watchdog.wait()
 
 
 def flwr_run(connection: str, run_config: Path, env: dict[str, str], log_file: Path,
              *extra: str, echo: bool = True,
-             on_line: Callable[[bytes], None] | None = None) -> None:
+             on_line: Callable[[bytes], None] | None = None,
+             repeats: Callable[[bytes], object] | None = None) -> None:
     """``flwr run`` this app on ``connection`` with a run-config file, output to ``log_file``
-    (and to stderr with ``echo``); ``on_line`` sees every line as it comes."""
+    (and to stderr with ``echo``); ``on_line`` sees every line as it comes; lines ``repeats``
+    keys are copied at most once a minute (see :func:`stream_process`)."""
     code = stream_process([flower_command("flwr"), "run", str(project_root()), connection,
                            "--stream", "--run-config", str(run_config), *extra], env, log_file,
-                          echo=echo, on_line=on_line)
+                          echo=echo, on_line=on_line, repeats=repeats)
     if code != 0:
         raise FedNdifError(f"the Flower run failed (exit {code}); see {log_file}")
