@@ -120,7 +120,13 @@ def echoscu(port: int, *, calling: str = "ECHOSCU") -> subprocess.CompletedProce
 
 
 def tool(name: str) -> str:
-    found = shutil.which(name)
+    """A dcmtk tool. pynetdicom installs console scripts of the same names (echoscu,
+    storescu, ...) with other options into the environment's bin folder, so that folder is
+    not searched."""
+    own_bin = Path(sys.executable).parent.absolute()
+    path = os.pathsep.join(folder for folder in os.environ.get("PATH", "").split(os.pathsep)
+                           if folder and Path(folder).absolute() != own_bin)
+    found = shutil.which(name, path=path)
     if found is None:
         import pytest
 
