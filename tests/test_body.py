@@ -64,7 +64,7 @@ class _Offset(nn.Module):
         return x[:, x.shape[1] // 2:x.shape[1] // 2 + 1] * self.scale + 0.5
 
 
-def test_air_keeps_the_input_and_the_network_sees_only_the_body():
+def test_air_keeps_the_input_and_all_air_slices_skip_the_network():
     volume = _torso()
     net = _Offset()
     out, _ = denoise_volume(net, volume, nstd=0.2, normalization=Normalization(), k=1,
@@ -72,11 +72,29 @@ def test_air_keeps_the_input_and_the_network_sees_only_the_body():
     body = body_mask(volume)
     np.testing.assert_array_equal(out[~body], volume[~body])
     np.testing.assert_allclose(out[body], volume[body] + 0.5, atol=1e-6)
-    assert all(h < 64 and w < 64 for *_, h, w in net.seen)  # cropped to the body's box
-    assert sum(shape[0] for shape in net.seen) == 5  # the all-air slice 0 never went in
+    # A whole-slice network sees whole slices (its normalization learnt on them)...
+    assert all(shape[-2:] == (64, 64) for shape in net.seen)
+    assert sum(shape[0] for shape in net.seen) == 5  # ...but the all-air slice 0 never went in
     whole, _ = denoise_volume(net, volume, nstd=0.2, normalization=Normalization(), k=1,
                               device="cpu", progress=False, body_only=False)
     np.testing.assert_allclose(whole, volume + 0.5, atol=1e-6)
+
+
+def test_a_windowed_network_runs_only_over_the_body():
+    volume = _torso()
+    windows = {}
+    for body_only in (True, False):
+        net = _Offset()
+        out, _ = denoise_volume(net, volume, nstd=0.2, normalization=Normalization(), k=1,
+                                device="cpu", batch_size=2, progress=False, window=16,
+                                body_only=body_only)
+        windows[body_only] = sum(shape[0] for shape in net.seen)
+        body = body_mask(volume) if body_only else np.ones(volume.shape, bool)
+        np.testing.assert_allclose(out[body], volume[body] + 0.5, atol=1e-5)
+        np.testing.assert_array_equal(out[~body], volume[~body])
+    # The torso's box with its context (about 57 x 45 px) against the whole 64 x 64 field of
+    # view, and 5 slices of 6: 210 windows against 294.
+    assert windows[True] < 0.75 * windows[False], windows
 
 
 @pytest.fixture(scope="module")

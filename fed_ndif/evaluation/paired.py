@@ -93,11 +93,12 @@ def figure_paired_differences(rows: list[dict], method_order: list[str], referen
                        if r["method"] == reference)]
     if not methods or not metrics:
         return False
-    fig, axes = plt.subplots(len(metrics), len(groups), squeeze=False,
-                             figsize=(3.3 * len(groups) + 2.5, 0.45 * len(methods) * len(metrics)
-                                      + 1.5))
-    for row, (key, header, higher) in enumerate(metrics):
-        for col, (name, group) in enumerate(groups):
+    # One row per site (and all sites), one column per metric; method names on the left.
+    fig, axes = plt.subplots(len(groups), len(metrics), squeeze=False,
+                             figsize=(3.0 + 4.2 * len(metrics),
+                                      (0.3 * len(methods) + 0.8) * len(groups) + 0.6))
+    for row, (name, group) in enumerate(groups):
+        for col, (key, header, higher) in enumerate(metrics):
             ax = axes[row, col]
             for y, method in enumerate(methods):
                 d = paired_difference(group, method, reference, key, higher_is_better=higher)
@@ -115,9 +116,9 @@ def figure_paired_differences(rows: list[dict], method_order: list[str], referen
             ax.set_ylim(len(methods) - 0.5, -0.5)
             ax.set_title(f"{name}: Δ {header}", fontsize=8)
             ax.tick_params(axis="x", labelsize=7)
-    fig.suptitle(f"Each method minus {labels[reference]}, per test subject, "
-                 f"{100 * CONFIDENCE:g} % CI (green better, red worse, open: too few subjects)",
-                 fontsize=9)
+    fig.suptitle(f"Each method minus {labels[reference]} over test subjects, "
+                 f"{100 * CONFIDENCE:g} % CI\n(green: better, red: worse, grey: no difference, "
+                 "open: too few subjects)", fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=90)
     plt.close(fig)
