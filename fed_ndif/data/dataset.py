@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from fed_ndif.data.manifest import Study, read_manifest
+from fed_ndif.data.manifest import Study, at_level, read_manifest
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.normalization import Normalization
 from fed_ndif.data.nstd import find_liver_voi, liver_nstd
@@ -47,6 +47,16 @@ def held_out_levels(data: dict, site: str) -> tuple[float, ...]:
             raise FedNdifError(f"data.held_out_levels: {entry!r} is not {{site: NAME, levels: "
                                "[FRACTION, ...]}") from None
     return tuple(levels)
+
+
+def split_studies(manifest: Path, splits: tuple[str, ...], *,
+                  count_levels: tuple[float, ...] | list[float] | None = None,
+                  exclude_levels: tuple[float, ...] = ()) -> list[Study]:
+    """The manifest's studies in ``splits`` at ``count_levels`` (None: all), without
+    ``exclude_levels``; reads no volume."""
+    return [s for s in read_manifest(manifest) if s.split in splits
+            and (count_levels is None or at_level(s.count_level, count_levels))
+            and not at_level(s.count_level, exclude_levels)]
 
 
 def stack_indices(z: int, *, k: int, depth: int) -> np.ndarray:
@@ -109,13 +119,8 @@ class SliceStackDataset(Dataset):
         self.k = k
         self.normalization = normalization
         splits = (split,) if isinstance(split, str) else tuple(split)
-        studies = [s for s in read_manifest(self.manifest) if s.split in splits]
-        if count_levels is not None:
-            wanted = [float(c) for c in count_levels]
-            studies = [s for s in studies
-                       if any(abs(s.count_level - c) < 1e-9 for c in wanted)]
-        studies = [s for s in studies
-                   if not any(abs(s.count_level - c) < 1e-9 for c in exclude_levels)]
+        studies = split_studies(self.manifest, splits, count_levels=count_levels,
+                                exclude_levels=exclude_levels)
         if not studies:
             raise FedNdifError(f"{self.manifest}: no studies in split {'/'.join(splits)}"
                                + (f" at count levels {list(count_levels)}" if count_levels else ""))

@@ -42,6 +42,12 @@ class Study:
     ideal: Path | None = None
 
 
+def at_level(level: float, levels) -> bool:
+    """Whether a count fraction is one of ``levels``: fractions from CSV and YAML compare with a
+    tolerance, not bit for bit."""
+    return any(abs(float(level) - float(c)) < 1e-9 for c in levels)
+
+
 def read_manifest(path: str | Path) -> list[Study]:
     """Parse and check a site manifest; errors name the file, row and column at fault."""
     path = Path(path)

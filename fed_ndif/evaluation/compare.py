@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from fed_ndif.checkpoints import load_checkpoint, sampler_config
-from fed_ndif.data.manifest import Study, read_manifest
+from fed_ndif.data.dataset import split_studies
+from fed_ndif.data.manifest import Study
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.nstd import find_liver_voi, liver_nstd
 from fed_ndif.data.volume import Volume
@@ -107,9 +108,7 @@ def checkpoint_method(name: str, label: str, checkpoint: Path, *, device: str = 
 
 def load_studies(manifest: Path, split: str, *, count_levels: Sequence[float] | None = None,
                  max_subjects: int | None = None) -> list[TestStudy]:
-    studies = [s for s in read_manifest(manifest) if s.split == split]
-    if count_levels:
-        studies = [s for s in studies if any(abs(s.count_level - c) < 1e-9 for c in count_levels)]
+    studies = split_studies(manifest, (split,), count_levels=count_levels or None)
     if max_subjects:
         keep = sorted({s.subject for s in studies})[:max_subjects]
         studies = [s for s in studies if s.subject in keep]

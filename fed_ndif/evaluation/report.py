@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from fed_ndif.data.manifest import at_level
 from fed_ndif.evaluation.paired import (
     FIGURE,
     figure_paired_differences,
@@ -192,7 +193,7 @@ def figure_lesion_slices(site: str, panels: list[tuple[str, np.ndarray]],
 def _split_held_out(rows: list[dict], held_out: dict[str, tuple[float, ...]]
                     ) -> tuple[list[dict], list[dict]]:
     def held(row: dict) -> bool:
-        return any(abs(row["count_level"] - c) < 1e-9 for c in held_out.get(row["site"], ()))
+        return at_level(row["count_level"], held_out.get(row["site"], ()))
 
     return [r for r in rows if not held(r)], [r for r in rows if held(r)]
 

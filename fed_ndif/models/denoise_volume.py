@@ -112,10 +112,10 @@ def _denoise_batches(model: nn.Module, low: np.ndarray, body: np.ndarray | None,
                      warm_model: nn.Module | None, batch_size: int,
                      memory_format: torch.memory_format, generator: torch.Generator,
                      progress: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    # Air (outside the body) keeps the input; the network writes inside the box (a windowed
-    # network's; the whole slice otherwise).
-    mean = low.copy() if body is not None else np.empty(low.shape, np.float32)
-    std = np.zeros(low.shape, np.float32) if process is not None else None
+    # The network writes every body voxel (its batch's box holds the body); air, including
+    # all-air slices, gets the input at the end.
+    mean = np.empty(low.shape, np.float32)
+    std = np.empty(low.shape, np.float32) if process is not None else None
     offsets = np.arange(-k, k + 1)
     # All-air slices are not denoised at all.
     slices = np.flatnonzero(body.any(axis=(1, 2))) if body is not None else np.arange(depth)

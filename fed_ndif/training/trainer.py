@@ -39,8 +39,7 @@ from fed_ndif.checkpoints import (
     sampler_config,
     save_checkpoint,
 )
-from fed_ndif.data.dataset import SliceStackDataset, held_out_levels
-from fed_ndif.data.manifest import read_manifest
+from fed_ndif.data.dataset import SliceStackDataset, held_out_levels, split_studies
 from fed_ndif.errors import FedNdifError
 from fed_ndif.image_metrics import volume_metrics
 from fed_ndif.models.denoise_volume import denoise_volume
@@ -225,11 +224,6 @@ def _interleaved(state: TrainingState, datasets: list[SliceStackDataset]
         step += 1
 
 
-def _at(level: float, levels) -> bool:
-    """Whether ``level`` is one of ``levels`` (None: every level is)."""
-    return levels is None or any(abs(level - float(c)) < 1e-9 for c in levels)
-
-
 def train_sites(cfg: dict[str, Any], manifests: list[Path], out_dir: Path, *,
                 resume: bool = False, rival: Path | None = None) -> dict[str, float]:
     """Train on one site's manifest, or pooled over several (the centralized upper bound)."""
@@ -263,9 +257,8 @@ def train_sites(cfg: dict[str, Any], manifests: list[Path], out_dir: Path, *,
     val_sets = []
     for manifest in manifests:
         # Only a missing split is skipped: a broken validation study is an error.
-        excluded = held_out_levels(cfg["data"], manifest.parent.name)
-        if not any(s.split == "val" and _at(s.count_level, levels)
-                   and not _at(s.count_level, excluded) for s in read_manifest(manifest)):
+        if not split_studies(manifest, ("val",), count_levels=levels,
+                             exclude_levels=held_out_levels(cfg["data"], manifest.parent.name)):
             log.warning("%s: no validation studies; skipping its validation", manifest)
             continue
         val_sets.append(site_split(manifest, "val"))
