@@ -28,7 +28,7 @@ from fed_ndif.node.receive import (
     OUT_OF_RESOURCES,
     Receiver,
 )
-from fed_ndif.node.spool import INCOMING, OUTBOX, WORK, Spool, series_key
+from fed_ndif.node.spool import INCOMING, OUTBOX, WORK, Spool, uid_key
 from fed_ndif.runtime.processes import free_port
 from tests.helpers.dicom_factory import make_series
 from tests.helpers.dicom_node import tool
@@ -80,7 +80,7 @@ def test_a_stored_instance_is_in_the_spool_whole(node, series):
     spool, port = node
     ds = pydicom.dcmread(series[0])
     assert _store(port, ds) == 0
-    key = series_key(str(ds.SeriesInstanceUID))
+    key = uid_key(str(ds.SeriesInstanceUID))
     stored = spool.folder(INCOMING, key) / f"{ds.SOPInstanceUID}.dcm"
     assert stored.is_file()
     again = pydicom.dcmread(stored)
@@ -154,12 +154,12 @@ def test_spool_recovery_after_a_crash(tmp_path):
     both in work/ and outbox/ (crash between the two steps)."""
     spool = Spool(tmp_path)
     spool.prepare()
-    key = series_key("1.2.3")
+    key = uid_key("1.2.3")
     spool.store(b"data", series_uid="1.2.3", sop_uid="1.2.3.4", study_uid="1.2",
                 sop_class="1.2", modality="PT", number="5")
     (spool.folder(INCOMING, key) / ".tmp-abc.part").write_bytes(b"half")
     (spool.folder(OUTBOX) / f".{key}.tmp-x").mkdir()
-    other = series_key("1.2.9")
+    other = uid_key("1.2.9")
     spool.folder(WORK, other).mkdir()
     spool.folder(OUTBOX, other).mkdir()
     restarted = Spool(tmp_path)
@@ -269,7 +269,7 @@ def test_bad_settings_are_one_line_and_exit_2(extra, message, tmp_path, capsys):
 def test_instances_that_arrive_during_denoising_rejoin_their_series(tmp_path):
     spool = Spool(tmp_path)
     spool.prepare()
-    key = series_key("1.2.3")
+    key = uid_key("1.2.3")
 
     def store(sop: str) -> None:
         spool.store(sop.encode(), series_uid="1.2.3", sop_uid=sop, study_uid="1.2",
@@ -299,7 +299,7 @@ def _bare_node(tmp_path: Path):
 def _taken(node) -> str:
     node.spool.store(b"x", series_uid="1.2.3", sop_uid="1.1", study_uid="1.2",
                      sop_class="1.2.840.10008.5.1.4.1.1.128", modality="PT", number="7")
-    key = series_key("1.2.3")
+    key = uid_key("1.2.3")
     assert node.spool.take(key)
     return key
 

@@ -83,7 +83,10 @@ def test_a_task_runs_forked_from_the_pool_with_the_shims_streams_env_and_status(
     assert json.loads(out.read_text())["pid"] != seen["pid"]
 
 
-def test_stopping_the_shim_stops_its_task(pool, tmp_path, fake_real):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["stopped", "killed"])
+def test_a_task_dies_with_its_shim(pool, tmp_path, fake_real, stop):
+    """Stopped, the shim relays the signal; killed with its SuperNode's process group, it
+    cannot relay, and the task ends too."""
     _, socket_path = pool
     shim = _shim(tmp_path, socket_path, fake_real)
     out = tmp_path / "task.json"
@@ -91,22 +94,8 @@ def test_stopping_the_shim_stops_its_task(pool, tmp_path, fake_real):
     _wait_for(out.exists)
     child = json.loads(out.read_text())["pid"]
     assert _alive(child)
-    task.send_signal(signal.SIGTERM)
+    task.send_signal(stop)
     assert task.wait(timeout=20) != 0
-    _wait_for(lambda: not _alive(child))
-
-
-def test_a_task_dies_with_its_shim_even_when_the_shim_is_killed(pool, tmp_path, fake_real):
-    """Killed with its SuperNode's process group, the shim cannot relay: the task ends too."""
-    _, socket_path = pool
-    shim = _shim(tmp_path, socket_path, fake_real)
-    out = tmp_path / "task.json"
-    task = subprocess.Popen([str(shim), str(out), "0", "sleep"], stdout=subprocess.DEVNULL)
-    _wait_for(out.exists)
-    child = json.loads(out.read_text())["pid"]
-    assert _alive(child)
-    task.kill()
-    task.wait(timeout=20)
     _wait_for(lambda: not _alive(child))
 
 

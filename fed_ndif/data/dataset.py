@@ -9,9 +9,8 @@ subject's levels). DataLoader workers inherit them by fork without copying.
 
 from __future__ import annotations
 
-import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,6 @@ from fed_ndif.errors import FedNdifError
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 # Without a lesion mask, the hottest voxels of the full-count image stand in for "foreground"
 # when patches are oversampled (lesions, and physiological uptake of the same intensity).
 HOT_QUANTILE = 0.999
@@ -74,11 +72,21 @@ class NormalizedStudy:
     nstd: float
     affine: np.ndarray
     spacing: tuple[float, float, float]  # voxel size in mm (z, y, x)
+    # Shared by the studies of one dataset: a subject's count levels share one full count and
+    # one lesion mask, so they share one foreground.
+    foregrounds: dict[tuple[Path, Path | None], np.ndarray] = field(default_factory=dict,
+                                                                    repr=False)
 
-    @functools.cached_property
+    @property
     def foreground(self) -> np.ndarray:
-        """(n, 3) int32 (z, y, x): lesion voxels, else the hottest voxels. Read on first use:
-        only patch training with foreground oversampling needs them."""
+        """(n, 3) int32 (z, y, x): lesion voxels, else the hottest voxels. Found on first use
+        (only patch training with foreground oversampling needs them), once per subject."""
+        key = (self.study.full_count, self.study.lesion_mask)
+        if key not in self.foregrounds:
+            self.foregrounds[key] = self._find_foreground()
+        return self.foregrounds[key]
+
+    def _find_foreground(self) -> np.ndarray:
         if self.study.lesion_mask is not None:
             lesions = load_nifti(self.study.lesion_mask).array
             if lesions.shape == self.full.shape and lesions.max() > 0:
@@ -86,15 +94,19 @@ class NormalizedStudy:
         return np.argwhere(self.full >= np.quantile(self.full, HOT_QUANTILE)).astype(np.int32)
 
 
-def study_nstd(study: Study, low: Volume, full: Volume) -> float:
+def study_nstd(study: Study, low: Volume, full: Volume, *,
+               vois: dict[Path, np.ndarray] | None = None) -> float:
     """The liver NSTD of a study's low-count input, in its liver mask or, when the manifest
     leaves the mask blank, in the automatic liver VOI. The VOI is found on the full-count
     scan: noise at low counts can hide the liver from the finder, and one VOI then serves
     every count level of the study (``fed-ndif denoise``, without a full count, finds it on
-    its input)."""
+    its input). ``vois``: VOIs already found, by full-count path (filled here)."""
+    vois = {} if vois is None else vois
     try:
         if study.liver_mask is None:
-            return liver_nstd(low.array, find_liver_voi(full), erode=0)
+            if study.full_count not in vois:
+                vois[study.full_count] = find_liver_voi(full)
+            return liver_nstd(low.array, vois[study.full_count], erode=0)
         return liver_nstd(low.array, load_nifti(study.liver_mask).array)
     except FedNdifError as exc:
         where = study.liver_mask or study.full_count
@@ -126,6 +138,8 @@ class SliceStackDataset(Dataset):
                                + (f" at count levels {list(count_levels)}" if count_levels else ""))
         self.studies: list[NormalizedStudy] = []
         full_cache: dict[Path, tuple[Volume, np.ndarray]] = {}
+        vois: dict[Path, np.ndarray] = {}
+        foregrounds: dict[tuple[Path, Path | None], np.ndarray] = {}
         for study in studies:
             low_volume = load_nifti(study.low_count)
             if study.full_count not in full_cache:
@@ -135,10 +149,10 @@ class SliceStackDataset(Dataset):
             if low_volume.array.shape != full.shape:
                 raise FedNdifError(f"{study.low_count}: shape {low_volume.array.shape} differs "
                                    f"from its full-count volume {full.shape}")
-            nstd = study_nstd(study, low_volume, raw_full)
+            nstd = study_nstd(study, low_volume, raw_full, vois=vois)
             self.studies.append(NormalizedStudy(
                 study=study, low=normalization.forward(low_volume.array), full=full, nstd=nstd,
-                affine=low_volume.affine, spacing=low_volume.spacing))
+                affine=low_volume.affine, spacing=low_volume.spacing, foregrounds=foregrounds))
         shapes = {s.low.shape[1:] for s in self.studies}
         if len(shapes) > 1:
             raise FedNdifError(f"{self.manifest}: studies have different in-plane matrices "
@@ -162,13 +176,14 @@ class SliceStackDataset(Dataset):
     def __getitem__(self, item: int | tuple[int, int, int, int]) -> dict[str, torch.Tensor]:
         if isinstance(item, tuple):
             item, y0, x0, size = item
-            window = (slice(None), slice(y0, y0 + size), slice(x0, x0 + size))
+            window = (slice(y0, y0 + size), slice(x0, x0 + size))
         else:
-            window = (slice(None), slice(None), slice(None))
+            window = (slice(None), slice(None))
         i, z = self.index[item]
         s = self.studies[i]
         idx = stack_indices(z, k=self.k, depth=s.low.shape[0])
-        return {"low": torch.from_numpy(np.ascontiguousarray(s.low[idx][window])),
+        # One fancy index with the crop: a patch copies only the patch, not whole slices.
+        return {"low": torch.from_numpy(np.ascontiguousarray(s.low[(idx, *window)])),
                 "nstd": torch.tensor(s.nstd, dtype=torch.float32),
-                "full": torch.from_numpy(np.ascontiguousarray(s.full[z:z + 1][window])),
+                "full": torch.from_numpy(np.ascontiguousarray(s.full[(slice(z, z + 1), *window)])),
                 "spacing": torch.tensor(s.spacing, dtype=torch.float32)}

@@ -23,6 +23,7 @@ from fed_ndif.node.config import NodeConfig, check_config, parse_destination, tl
 from fed_ndif.node.deliver import DeliveryError, Destination, backoff_s, send_series
 from fed_ndif.node.receive import Receiver
 from fed_ndif.node.spool import INCOMING, OUTBOX, WORK, SeriesMeta, Spool
+from fed_ndif.runtime.processes import check_port_free
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,9 @@ class Node:
             if retry.next_try <= now:
                 self._deliver(key, retry)
                 return True
-        for key in self.spool.keys(WORK):  # taken before a crash, or just now
-            if now < self.work_paused_until:
-                break
-            self._denoise(key)
+        work = self.spool.keys(WORK)  # taken before a crash, or just now
+        if work and now >= self.work_paused_until:
+            self._denoise(work[0])
             return True
         for meta, study_settled in self.spool.settled(self.config.settle_s):
             if meta.sop_class == PET_IMAGE_STORAGE and meta.modality.upper() == "PT":
@@ -170,6 +170,8 @@ def build_node(config: NodeConfig) -> Node:
     check_config(config)
     server_tls, client_tls = tls_contexts(config)
     destination = parse_destination(config.destination, client_tls)
+    # A taken port fails in one line before the checkpoint is read, hashed and loaded.
+    check_port_free(config.host, config.port, what=f"--port {config.port}")
     model = load_model(config.checkpoint, steps=config.steps, samples=config.samples,
                        sampler_name=config.sampler, device=config.device,
                        precision=config.precision, batch_size=config.batch_size)

@@ -41,13 +41,9 @@ def is_uid(value: object) -> bool:
     return len(text) <= 64 and bool(_UID.match(text))
 
 
-def series_key(series_uid: str) -> str:
-    """A series' folder name and log name: 16 hex digits of the SeriesInstanceUID's hash."""
-    return hashlib.sha256(series_uid.encode()).hexdigest()[:16]
-
-
-def study_key(study_uid: str) -> str:
-    return hashlib.sha256(study_uid.encode()).hexdigest()[:16]
+def uid_key(uid: str) -> str:
+    """A series' (or study's) folder and log name: 16 hex digits of its UID's hash."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -55,7 +51,7 @@ class SeriesMeta:
     """What the node needs to know about a spooled series (no patient data)."""
 
     key: str
-    study: str  # study_key of the StudyInstanceUID
+    study: str  # uid_key of the StudyInstanceUID
     sop_class: str
     modality: str
     number: str  # SeriesNumber, "?" when absent
@@ -118,8 +114,8 @@ class Spool:
               sop_class: str, modality: str, number: str) -> SeriesMeta:
         """Write one received instance durably into ``incoming/``; raises OSError (disk full,
         permissions), and then nothing of it stays. Returns the series' metadata."""
-        key = series_key(series_uid)
-        meta = SeriesMeta(key=key, study=study_key(study_uid), sop_class=sop_class,
+        key = uid_key(series_uid)
+        meta = SeriesMeta(key=key, study=uid_key(study_uid), sop_class=sop_class,
                           modality=modality, number=number)
         # One lock for writing and for taking a series to work: a series folder is never
         # renamed while an instance is being written into it.
@@ -142,10 +138,12 @@ class Spool:
         now = time.monotonic()
         found = []
         for key in self.keys(INCOMING):
-            meta = self.meta(INCOMING, key)
-            if meta is None:
+            # The time first: this runs at every idle poll, and reading the metadata of
+            # series still arriving is wasted.
+            if now - self.last_arrival.setdefault(key, now) < settle_s:
                 continue
-            if now - self.last_arrival.setdefault(key, now) >= settle_s:
+            meta = self.meta(INCOMING, key)
+            if meta is not None:
                 study_idle = now - self.study_arrival.setdefault(meta.study, now) >= settle_s
                 found.append((meta, study_idle))
         return found
@@ -203,15 +201,18 @@ class Spool:
         """Delivered (or no longer wanted): the derived series leaves the spool."""
         remove_path(self.folder(OUTBOX, key))
 
-    def forget_study(self, study: str) -> None:
-        self.study_arrival.pop(study, None)
-
 
 def _write_durably(path: Path, data: bytes) -> None:
-    """Staged write with fsync before the rename: once this returns, the file survives a crash
-    of the process (and of the machine); on any error nothing is left."""
+    """Staged write with fsync before the rename and of the folder after it: once this returns,
+    the file survives a crash of the process (and of the machine); on any error nothing is
+    left."""
     with staged_file(path, suffix=".part") as tmp, open(tmp, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from fed_ndif.run_config import pyproject_app_config
 from fed_ndif.runtime.processes import flower_env, write_connection
 from fed_ndif.runtime.superlink import flwr_run, superlink
-from fed_ndif.server.federation import rounds_recorded
+from fed_ndif.server.federation import ROUND_RECORD, rounds_recorded
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,16 @@ def run_flower_simulation(fed: dict[str, Any], *, n_sites: int, cpus_per_site: f
         log.info("running %d simulated sites with Flower (logs in %s)", n_sites, logs)
         run_dir = Path(fed["run_dir"])
         total = int(fed["fl"]["rounds"])
+        record = run_dir / ROUND_RECORD
         with tqdm(total=total, initial=rounds_recorded(run_dir), desc=name, unit="round") as bar:
+            seen = {"size": -1}
+
             def follow(_line: bytes) -> None:
-                bar.update(rounds_recorded(run_dir) - bar.n)
+                """Re-read the round record only when it grew: this runs on every output line."""
+                size = record.stat().st_size if record.is_file() else 0
+                if size != seen["size"]:
+                    seen["size"] = size
+                    bar.update(rounds_recorded(run_dir) - bar.n)
 
             flwr_run(CONNECTION, run_config, env, logs / "flwr-run.log",
                      "--federation-config", federation, echo=False, on_line=follow)

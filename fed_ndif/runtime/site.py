@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 # The SuperNode asks the SuperLink for work every 3 s when idle (hard-coded in Flower 1.42);
 # this module's SuperNode entry point can shorten it (see patch_supernode_polling).
 SUPERNODE_POLL_S = 1.0
-POOL_PREFIX = "fed-ndif-pool-"  # + the SuperNode's pid: /tmp/fed-ndif-pool-PID-XXXX
+POOL_PREFIX = "fed-ndif-pool-"  # + the supervising site process's pid: /tmp/fed-ndif-pool-PID-XXXX
 
 
 def check_private_key(path: Path) -> Path:

@@ -16,7 +16,6 @@ from pathlib import Path
 from fed_ndif.errors import FedNdifError
 from fed_ndif.runtime.processes import (
     PROCESS_TAG,
-    check_port_free,
     die_with_parent,
     flower_command,
     flower_env,
@@ -71,10 +70,8 @@ def superlink(*, flwr_home: Path, log_file: Path, tls: ServerCerts | None = None
     of the SuperLink's own SuperExec (None: :func:`flower_env`'s).
     """
     # Flower 1.42 serves the Control, Fleet and Runtime APIs on one HTTP port.
-    if port is None:
-        port = free_port()
-    else:
-        check_port_free(host, port, what="a coordinator still running, or another server")
+    # A given port was checked free by the caller before it wrote anything (coordinator).
+    port = free_port() if port is None else port
     log_file.parent.mkdir(parents=True, exist_ok=True)
     if tls is None:
         command = [flower_command("flower-superlink"), "--insecure"]

@@ -131,12 +131,11 @@ def files_under(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
-def scan_folder(folder: Path, errors: list[tuple[Path, str]] | None = None, *,
-                quiet: bool = False) -> tuple[list[DicomFile], int]:
+def scan_folder(folder: Path) -> tuple[list[DicomFile], int]:
     """Headers of every DICOM file under ``folder`` (whatever the names and layout), and the
-    number of files looked at. ``errors``: collect unreadable files instead of raising."""
+    number of files looked at."""
     files = files_under(folder)
-    found = [f for f in (read_header(p, errors, quiet=quiet) for p in files) if f is not None]
+    found = [f for f in (read_header(p) for p in files) if f is not None]
     return found, len(files)
 
 
@@ -185,8 +184,7 @@ def select_pet_series(folder: Path, series_uid: str | None) -> list[DicomFile]:
     for f in files:
         series.setdefault(str(f.header.SeriesInstanceUID), []).append(f)
     pet = {uid: fs for uid, fs in series.items()
-           if any(str(f.header.get("Modality", "")).upper() == "PT"
-                  and str(f.header.SOPClassUID) == PET_IMAGE_STORAGE for f in fs)}
+           if any(is_pet_image(f) for f in fs)}
     if series_uid is not None:
         if series_uid not in pet:
             known = "; ".join(_describe(fs) for fs in pet.values()) or "none"

@@ -18,11 +18,12 @@ from tqdm import tqdm
 from fed_ndif.data.dicom.series import (
     DicomFile,
     files_under,
+    is_pet_image,
     pet_series,
     read_header,
     unique_instances,
 )
-from fed_ndif.data.dicom.suv import PHILIPS_ACTIVITY_FACTOR, PHILIPS_SUV_FACTOR
+from fed_ndif.data.dicom.suv import PHILIPS_ACTIVITY_FACTOR, PHILIPS_SUV_FACTOR, positive
 from fed_ndif.errors import FedNdifError
 
 log = logging.getLogger(__name__)
@@ -68,14 +69,6 @@ def _floats(header, keyword: str, count: int) -> np.ndarray | None:
     return values if values.size == count and np.all(np.isfinite(values)) else None
 
 
-def _positive(value) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if np.isfinite(number) and number > 0 else None
-
-
 def _geometry(files: list[DicomFile]) -> tuple[tuple | None, str, list[int]]:
     """A hashable description of the series' grid and each file's position key, or why the
     files do not form one regular volume (the reader checks the rest when it reads it)."""
@@ -110,9 +103,9 @@ def _summarize(uid: str, files: list[DicomFile]) -> PetSeries:
     geometry, problem, keys = _geometry(files)
     durations, counts = {}, {}
     for key, f in zip(keys, files, strict=False):
-        if (duration := _positive(f.header.get("ActualFrameDuration"))) is not None:
+        if (duration := positive(f.header.get("ActualFrameDuration"))) is not None:
             durations[key] = duration
-        if (count := _positive(f.header.get("CountsAccumulated"))) is not None:
+        if (count := positive(f.header.get("CountsAccumulated"))) is not None:
             counts[key] = count
     corrected = first.get("CorrectedImage")
     corrected = [str(v).upper() for v in (corrected if corrected is not None else [])]
@@ -135,8 +128,6 @@ class ExportScan:
     """The PET series of an export grouped by study, and what could not be read."""
 
     studies: dict[str, list[PetSeries]]  # StudyInstanceUID -> its PET series
-    n_files: int
-    n_dicom: int
     unreadable: list[tuple[Path, str]]  # (file, reason): corrupt files, never silently lost
 
 
@@ -161,17 +152,20 @@ def scan_export(export: Path, *, progress: bool = True) -> ExportScan:
         raise FedNdifError(f"{export}: no such folder (the DICOM export to prepare)")
     unreadable: list[tuple[Path, str]] = []
     paths = files_under(export)
-    files = []
+    files = []  # PET images only: CT and the rest are counted, not kept in memory
+    n_dicom = 0
     # disable=None: a bar only on a terminal (not in log files, nor around an error line).
     bar = tqdm(paths, desc="reading headers", unit="file", disable=None if progress else True)
     for path in bar:
         found = read_header(path, unreadable, quiet=True)
         if found is not None:
-            files.append(_slim(found))
+            n_dicom += 1
+            if is_pet_image(found):
+                files.append(_slim(found))
     n_files = len(paths)
     if n_files == 0:
         raise FedNdifError(f"{export}: the folder is empty; expected a DICOM export")
-    if not files:
+    if not n_dicom:
         raise FedNdifError(f"{export}: none of its {n_files} files is a DICOM image")
     studies: dict[str, list[PetSeries]] = {}
     for uid, series_files in sorted(pet_series(files).items()):
@@ -179,7 +173,7 @@ def scan_export(export: Path, *, progress: bool = True) -> ExportScan:
         studies.setdefault(series.study_uid, []).append(series)
     if not studies:
         raise FedNdifError(f"{export}: no PET series (Modality PT, PET Image Storage) among its "
-                           f"{len(files)} DICOM images")
+                           f"{n_dicom} DICOM images")
     log.info("scanned %d files: %d DICOM images, %d PET series in %d studies", n_files,
-             len(files), sum(len(s) for s in studies.values()), len(studies))
-    return ExportScan(studies=studies, n_files=n_files, n_dicom=len(files), unreadable=unreadable)
+             n_dicom, sum(len(s) for s in studies.values()), len(studies))
+    return ExportScan(studies=studies, unreadable=unreadable)
