@@ -73,7 +73,8 @@ def denoise_volume(
     ``dtype='bfloat16'`` is meant for CUDA. ``body_only``: all-air slices skip the network, air
     keeps the input's values, and a windowed network sees only the body's bounding box
     (:mod:`fed_ndif.models.body`). A whole-slice network still sees whole slices: cropped, its
-    normalization layers would see other statistics than in training (measured: -0.75 dB).
+    normalization layers would see other statistics than in training (BENCHMARKS.md,
+    "Body-only inference").
     """
     if low_suv.ndim != 3:
         raise FedNdifError(f"expected a (z, y, x) volume, got shape {low_suv.shape}")
