@@ -27,12 +27,14 @@ from pathlib import Path
 
 from fed_ndif.runtime.processes import Throttle, die_with_parent, stop_process
 from fed_ndif.runtime.reach import diagnose, release_node, remember_node, remembered_node
+from fed_ndif.server.federation import REPLY_POLL_S
 
 log = logging.getLogger(__name__)
 
 FIRST_DELAY_S = 1.0
 MAX_DELAY_S = 30.0
 EXIT_GRACE_S = 10.0  # after the SuperNode exits, for its helpers to end and flush
+RELEASE_SETTLE_S = 3 * REPLY_POLL_S  # after a release, before the node is admitted again
 NODE_ID = re.compile(rb"SuperNode ID: (\d+)")
 TRACEBACK = ("Traceback (most recent call last):", "Exception in thread")
 LOG_LINE = re.compile(r"^(\x1b\[\d+m)?(DEBUG|INFO|WARNING|ERROR|CRITICAL)\b|^\d\d:\d\d:\d\d")
@@ -136,9 +138,7 @@ class SiteSupervisor:
         delay = self.backoff()
         if self.throttle(reason):
             log.warning("site %s: %s; retrying in %.0f s", self.name, reason, delay)
-        deadline = time.monotonic() + delay
-        while not self.stopping and (left := deadline - time.monotonic()) > 0:
-            time.sleep(min(left, 0.2))
+        self._pause(delay)
 
     def _release(self) -> str | None:
         """Release the connection this site's last SuperNode may have left open."""
@@ -153,7 +153,17 @@ class SiteSupervisor:
         if answer == "released":
             log.info("site %s: released the connection its previous SuperNode (node %d) left "
                      "open at the coordinator", self.name, node_id)
+            # The new SuperNode is admitted under the same node id. Started at once, it could
+            # be online again before the coordinator's next pull for replies, which then never
+            # sees the old node offline and waits the whole round timeout for a reply the dead
+            # SuperNode owed. A few pull intervals let the SuperLink fail that task first.
+            self._pause(RELEASE_SETTLE_S)
         return answer
+
+    def _pause(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.2))
 
     def _run_once(self, attempt: Attempt) -> None:
         self.child = subprocess.Popen(self.command, env=self.env, stdout=subprocess.PIPE,
