@@ -14,7 +14,13 @@ from fed_ndif.errors import FedNdifError
 from fed_ndif.models.denoise_volume import denoise_volume
 from fed_ndif.models.diffusion import DiffusionConfig, DiffusionProcess
 from fed_ndif.models.networks import build_model
-from fed_ndif.models.sampling import SamplerConfig, ddim_timesteps, sample, sample_once
+from fed_ndif.models.sampling import (
+    SamplerConfig,
+    SliceNoise,
+    ddim_timesteps,
+    sample,
+    sample_once,
+)
 from tests.helpers.models import TINY_MODEL
 
 
@@ -242,3 +248,31 @@ def test_whole_volume_unet_warm_start_and_dtype_checks():
     with pytest.raises(FedNdifError, match="dtype"):
         denoise_volume(unet, _volume(3), nstd=0.2, normalization=Normalization(), k=1,
                        device="cpu", dtype="int8", progress=False)
+
+
+class NoisePassThrough(nn.Module):
+    """Returns the noisy input as x0: the output is then the sampler's noise itself."""
+
+    def forward(self, x, t, nstd):
+        return x[:, :1]
+
+
+def test_a_slices_noise_does_not_depend_on_its_batch_or_crop():
+    process = DiffusionProcess(DiffusionConfig(prediction_type="sample"))
+    vol = _volume(6)
+    kwargs = {"nstd": 0.2, "normalization": Normalization(), "k": 1, "process": process,
+              "sampler": SamplerConfig(name="ddim", steps=2, eta=1.0, samples=2,
+                                       clip_x0=False),
+              "device": "cpu", "progress": False, "body_only": False}
+    runs = [denoise_volume(NoisePassThrough(), vol, batch_size=b, seed=s, **kwargs)[0]
+            for b, s in ((1, 3), (4, 3), (4, 4))]
+    assert np.abs(runs[0]).max() > 0.1  # it is noise, not zeros
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert np.abs(runs[0] - runs[2]).max() > 0.1  # another seed, other noise
+    # A crop of the slice gets the crop of the same field.
+    zs = np.array([1, 4])
+    full = SliceNoise(seed=3, slices=zs, field=(12, 16))
+    box = (slice(2, 9), slice(5, 16))
+    crop = SliceNoise(seed=3, slices=zs, field=(12, 16), box=box)
+    for _ in range(2):  # and every later draw too
+        torch.testing.assert_close(full()[..., 2:9, 5:16], crop(), rtol=0, atol=0)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from fed_ndif.errors import FedNdifError
 from fed_ndif.models.body import body_mask, bounding_box
 from fed_ndif.models.diffusion import DiffusionProcess
-from fed_ndif.models.sampling import SamplerConfig, sample
+from fed_ndif.models.sampling import SamplerConfig, SliceNoise, sample
 from fed_ndif.models.windowed import SlidingWindow
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,7 +74,9 @@ def denoise_volume(
     keeps the input's values, and a windowed network sees only the body's bounding box
     (:mod:`fed_ndif.models.body`). A whole-slice network still sees whole slices: cropped, its
     normalization layers would see other statistics than in training (BENCHMARKS.md,
-    "Body-only inference").
+    "Body-only inference"). ``seed``: the sampler's noise on slice z is fixed by (seed, z)
+    (:class:`~fed_ndif.models.sampling.SliceNoise`), so the output does not depend on the batch
+    size or on the body's box.
     """
     if low_suv.ndim != 3:
         raise FedNdifError(f"expected a (z, y, x) volume, got shape {low_suv.shape}")
@@ -99,7 +101,7 @@ def denoise_volume(
                                 warm_model=warm_model,
                                 batch_size=batch_size or default_batch_size(dev),
                                 memory_format=memory_format, generator=generator,
-                                progress=progress)
+                                seed=seed, progress=progress)
     finally:  # the caller's networks (e.g. a trainer's EMA model) get their layout back
         for net in (model, warm_model):
             if net is not None and memory_format is torch.channels_last:
@@ -112,7 +114,7 @@ def _denoise_batches(model: nn.Module, low: np.ndarray, body: np.ndarray | None,
                      process: DiffusionProcess | None, sampler: SamplerConfig,
                      warm_model: nn.Module | None, batch_size: int,
                      memory_format: torch.memory_format, generator: torch.Generator,
-                     progress: bool) -> tuple[np.ndarray, np.ndarray | None]:
+                     seed: int, progress: bool) -> tuple[np.ndarray, np.ndarray | None]:
     # The network writes every body voxel (its batch's box holds the body); air, including
     # all-air slices, gets the input at the end.
     mean = np.empty(low.shape, np.float32)
@@ -140,8 +142,10 @@ def _denoise_batches(model: nn.Module, low: np.ndarray, body: np.ndarray | None,
                     init = stacks[:, k:k + 1]
                 elif sampler.warm_start == "unet":
                     init = warm_model(stacks, nstd_t).float()
+                noise = SliceNoise(seed=seed, slices=zs, field=low.shape[1:], box=box)
                 out, spread = sample(model, process, low=stacks, nstd=nstd_t, cfg=sampler,
-                                     generator=generator, init=init, x0_range=normalization.range)
+                                     generator=generator, init=init, x0_range=normalization.range,
+                                     noise=noise)
         region = (zs, *box)
         mean[region] = out[:, 0].float().cpu().numpy()
         if std is not None:

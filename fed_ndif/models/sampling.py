@@ -22,8 +22,10 @@ Each step is exactly one network evaluation; ``len(ddim_timesteps(...)) == steps
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -107,29 +109,67 @@ def _alpha(process: DiffusionProcess, t: int) -> float:
     return 1.0 if t < 0 else float(process.alphas_cumprod[t])
 
 
-def _noise(shape: torch.Size, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    # Drawn on the CPU generator, so results are identical on every device for a given seed.
-    return torch.randn(shape, generator=generator).to(like.device, like.dtype)
+# The next noise draw, shaped (N, 1, H, W) like the batch's slices.
+NoiseDraw = Callable[[], torch.Tensor]
+
+
+def generator_noise(shape: tuple[int, ...], generator: torch.Generator) -> NoiseDraw:
+    """Draws from one generator, in the order they are asked for (the noise depends on which
+    images share the batch)."""
+    return lambda: torch.randn(shape, generator=generator)
+
+
+class SliceNoise:
+    """Noise that belongs to a voxel, not to a batch: the j-th draw of slice z is one fixed field
+    over the whole slice, from a generator seeded by (seed, z, j), cut to the batch's box.
+
+    So a volume's output does not depend on how its slices are batched or cropped: body-only
+    inference and the whole field of view draw the same noise on the body, and any batch size
+    gives the same result (a comparison of the two then measures the cropping, not the noise).
+    """
+
+    def __init__(self, *, seed: int, slices: np.ndarray, field: tuple[int, int],
+                 box: tuple[slice, slice] = (slice(None), slice(None))) -> None:
+        self.seed, self.slices, self.field, self.box = int(seed), slices, field, box
+        self.draws = 0
+
+    def __call__(self) -> torch.Tensor:
+        fields = []
+        for z in self.slices:
+            state = np.random.SeedSequence([self.seed, int(z), self.draws]).generate_state(1)
+            generator = torch.Generator().manual_seed(int(state[0]))
+            fields.append(torch.randn(self.field, generator=generator)[self.box])
+        self.draws += 1
+        return torch.stack(fields)[:, None]
+
+
+def _noise(draw: NoiseDraw, like: torch.Tensor) -> torch.Tensor:
+    # Drawn on the CPU, so results are identical on every device for a given seed.
+    return draw().to(like.device, like.dtype)
 
 
 @torch.no_grad()
 def sample_once(model: nn.Module, process: DiffusionProcess, *, low: torch.Tensor,
                 nstd: torch.Tensor, cfg: SamplerConfig, generator: torch.Generator,
                 init: torch.Tensor | None = None,
-                x0_range: tuple[float, float] | None = None) -> torch.Tensor:
-    """One sample (N, 1, H, W), normalized units. ``init``: the warm-start image (x0 estimate)."""
+                x0_range: tuple[float, float] | None = None,
+                noise: NoiseDraw | None = None) -> torch.Tensor:
+    """One sample (N, 1, H, W), normalized units. ``init``: the warm-start image (x0 estimate).
+    ``noise``: where the draws come from (default: ``generator``, in order); the full DDPM
+    chain always draws from ``generator`` (MONAI's step draws its own)."""
     t_start = _resolve_t_start(process, cfg)
     shape = (low.shape[0], 1, *low.shape[-2:])
+    noise = noise or generator_noise(shape, generator)
     x0_range = x0_range if cfg.clip_x0 else None
     ref = low.float()
     if cfg.warm_start == "none":
-        x = _noise(shape, generator, ref)
+        x = _noise(noise, ref)
     else:
         if init is None:
             raise FedNdifError(f"sampler.warm_start={cfg.warm_start} needs an initial image")
         tt = torch.full((shape[0],), t_start, dtype=torch.long)
         x = process.q_sample(init.float().to(ref.device), tt.to(ref.device),
-                             _noise(shape, generator, ref))
+                             _noise(noise, ref))
 
     full_chain = cfg.name == "ddpm" and cfg.steps >= t_start + 1
     if full_chain:
@@ -161,7 +201,7 @@ def sample_once(model: nn.Module, process: DiffusionProcess, *, low: torch.Tenso
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
         x = a_prev ** 0.5 * x0 + max(1 - a_prev - sigma**2, 0.0) ** 0.5 * eps
         if sigma > 0:
-            x = x + sigma * _noise(shape, generator, ref)
+            x = x + sigma * _noise(noise, ref)
     return x0
 
 
@@ -198,7 +238,8 @@ def _dpmpp_2m(model: nn.Module, process: DiffusionProcess, x: torch.Tensor, time
 @torch.no_grad()
 def sample(model: nn.Module, process: DiffusionProcess, *, low: torch.Tensor, nstd: torch.Tensor,
            cfg: SamplerConfig, generator: torch.Generator, init: torch.Tensor | None = None,
-           x0_range: tuple[float, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           x0_range: tuple[float, float] | None = None,
+           noise: NoiseDraw | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and per-voxel standard deviation (uncertainty) over ``cfg.samples`` samples.
 
     Samples are drawn one after another (Welford's running moments), so memory does not grow
@@ -207,7 +248,7 @@ def sample(model: nn.Module, process: DiffusionProcess, *, low: torch.Tensor, ns
     mean = m2 = None
     for n in range(1, cfg.samples + 1):
         x = sample_once(model, process, low=low, nstd=nstd, cfg=cfg, generator=generator,
-                        init=init, x0_range=x0_range).float()
+                        init=init, x0_range=x0_range, noise=noise).float()
         if mean is None:
             mean, m2 = x.clone(), torch.zeros_like(x)
             continue
