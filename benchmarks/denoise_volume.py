@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -105,8 +104,9 @@ def child(args: argparse.Namespace) -> None:
     from fed_ndif.data.nstd import measure_liver_nstd
     from fed_ndif.inference import denoise_study
 
-    torch.set_num_threads(args.threads)
-    record: dict = {"threads": torch.get_num_threads(), "rss_after_imports_mib": _vm("VmRSS")}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    record: dict = {"rss_after_imports_mib": _vm("VmRSS")}
     start = time.perf_counter()
     if args.nstd_only:
         volume = load_nifti(args.input)
@@ -116,13 +116,16 @@ def child(args: argparse.Namespace) -> None:
         out = Path(args.output)
         result = denoise_study(args.input, out, checkpoint=args.checkpoint, steps=args.steps,
                                device=args.device, precision=args.precision, overwrite=True,
-                               batch_size=args.batch_size, progress=False)
+                               batch_size=args.batch_size, progress=False,
+                               engine=args.engine, threads=args.threads)
         record.update(seconds=result.seconds, sampling_seconds=result.sampling_seconds,
                       nstd=result.nstd, nstd_source=result.nstd_source, sampler=result.sampler,
-                      precision=args.precision, batch_size=args.batch_size)
+                      precision=args.precision, batch_size=args.batch_size,
+                      engine=result.engine)
         if torch.cuda.is_available() and args.device.startswith("cuda"):
             record["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
             record["gpu"] = torch.cuda.get_device_name()
+    record["threads"] = torch.get_num_threads()
     record["peak_rss_mib"] = _vm("VmHWM")
     print(json.dumps(record))
 
@@ -136,7 +139,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--batch-size", type=int, help="default: the command's (4 on CPU)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, help="default: the command's (every core)")
+    parser.add_argument("--engine", choices=("auto", "torch", "onnxruntime"), default="auto",
+                        help="as for the command (default: auto)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--use-checkpoint", help="time this checkpoint (e.g. a patch-trained "
                         "one, which denoises in windows) instead of the made one")
@@ -164,7 +169,8 @@ def main() -> None:
                    "--checkpoint", str(ckpt), "--device", args.device,
                    "--precision", args.precision,
                    *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
-                   "--threads", str(args.threads)]
+                   *(["--threads", str(args.threads)] if args.threads else []),
+                   "--engine", args.engine]
         if args.steps is not None:
             command += ["--steps", str(args.steps)]
         if nstd_only:

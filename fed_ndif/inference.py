@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 import fed_ndif
 from fed_ndif.checkpoints import (
@@ -42,6 +43,7 @@ from fed_ndif.data.nstd import measure_liver_nstd
 from fed_ndif.data.volume import Volume
 from fed_ndif.errors import FedNdifError
 from fed_ndif.models.denoise_volume import denoise_volume, resolve_device
+from fed_ndif.models.engines import available_threads, choose_engine, inference_network
 from fed_ndif.models.sampling import SamplerConfig
 from fed_ndif.staging import staged_file, staged_folder
 
@@ -73,6 +75,7 @@ class DenoiseResult:
     checkpoint: str
     device: str
     precision: str
+    engine: str  # "torch" or "onnxruntime", and the threads it ran on
     seconds: float
     sampling_seconds: float
     outputs: list[Path] = field(default_factory=list)
@@ -81,7 +84,8 @@ class DenoiseResult:
         lines = [
             f"denoised {self.input_description}",
             f"  liver NSTD {self.nstd:.4f} ({self.nstd_source})",
-            f"  {self.sampler}; checkpoint {self.checkpoint}; {self.device}, {self.precision}",
+            f"  {self.sampler}; checkpoint {self.checkpoint}; {self.device}, {self.precision}, "
+            f"{self.engine}",
             f"  {self.seconds:.1f} s ({self.sampling_seconds:.1f} s sampling)",
             *(f"  wrote {p}" for p in self.outputs),
         ]
@@ -192,14 +196,22 @@ class LoadedModel:
     precision: str
     batch_size: int | None
     uncertainty: bool
+    network: Any  # the EMA network as the engine runs it (nn.Module)
+    engine: str  # e.g. "onnxruntime, 2 threads"
 
 
 def load_model(checkpoint: str | Path, *, steps: int | None = None, samples: int | None = None,
                uncertainty: bool = False, device: str = "auto", precision: str = "fp32",
-               sampler_name: str | None = None, batch_size: int | None = None) -> LoadedModel:
-    """Read and check the checkpoint (no code executed: ``weights_only=True``), then load it."""
+               sampler_name: str | None = None, batch_size: int | None = None,
+               engine: str = "auto", threads: int | None = None) -> LoadedModel:
+    """Read and check the checkpoint (no code executed: ``weights_only=True``), then load it.
+
+    ``threads`` (default: every core this process may use) sets PyTorch's and the engine's
+    thread count for the process; ``engine``: see :mod:`fed_ndif.models.engines`.
+    """
     checkpoint = Path(checkpoint)
-    _check_run_options(device=device, precision=precision, batch_size=batch_size)
+    _check_run_options(device=device, precision=precision, batch_size=batch_size,
+                       threads=threads)
     ckpt = read_checkpoint(checkpoint)  # missing, corrupt or foreign files: one clear error
     cfg = check_for_inference(checkpoint, ckpt)
     for name, value in (("--steps", steps), ("--samples", samples)):
@@ -230,6 +242,7 @@ def load_model(checkpoint: str | Path, *, steps: int | None = None, samples: int
         if steps is not None or samples is not None:
             log.warning("a U-Net checkpoint is deterministic: --steps/--samples are ignored")
     dev = resolve_device(device)
+    engine = choose_engine(engine, device=dev, precision=precision)
     state = load_checkpoint(checkpoint, device=str(dev))  # weights must fit (channels, k)
     label = f"{checkpoint.parent.name}/{checkpoint.name}" if checkpoint.parent.name else (
         checkpoint.name)
@@ -239,12 +252,20 @@ def load_model(checkpoint: str | Path, *, steps: int | None = None, samples: int
         # Most CPUs have no fast bf16 matrix units: PyTorch emulates it, far slower than fp32.
         log.warning("--precision bf16 on a CPU is usually much slower than fp32; it is meant "
                     "for GPUs")
+    threads = threads or available_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(threads)
+    network = inference_network(state.ema.model, engine=engine, threads=threads)
+    engine = "torch" if network is state.ema.model else engine
     return LoadedModel(state=state, sampler=sampler, label=label, sha=_sha256(checkpoint)[:12],
                        provenance=provenance, device=dev, precision=precision,
-                       batch_size=batch_size, uncertainty=uncertainty)
+                       batch_size=batch_size, uncertainty=uncertainty, network=network,
+                       engine=f"{engine}, {threads} thread{'s' if threads > 1 else ''}"
+                       if dev.type == "cpu" else engine)
 
 
-def _check_run_options(*, device: str, precision: str, batch_size: int | None) -> None:
+def _check_run_options(*, device: str, precision: str, batch_size: int | None,
+                       threads: int | None = None) -> None:
     if precision not in PRECISIONS:
         raise FedNdifError(f"--precision must be one of {', '.join(PRECISIONS)}, got "
                            f"{precision!r}")
@@ -252,6 +273,8 @@ def _check_run_options(*, device: str, precision: str, batch_size: int | None) -
         raise FedNdifError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
     if batch_size is not None and batch_size < 1:
         raise FedNdifError(f"--batch-size must be at least 1, got {batch_size}")
+    if threads is not None and threads < 1:
+        raise FedNdifError(f"--threads must be at least 1, got {threads}")
 
 
 def derived_uid_sources(info: PetSeriesInfo, model: LoadedModel, sampler_label: str,
@@ -291,7 +314,7 @@ def denoise_study(
     device: str = "auto", precision: str = "fp32", overwrite: bool = False,
     weight_kg: float | None = None, dose_bq: float | None = None, series_uid: str | None = None,
     seed: int = 0, batch_size: int | None = None, progress: bool = True,
-    model: LoadedModel | None = None,
+    engine: str = "auto", threads: int | None = None, model: LoadedModel | None = None,
 ) -> DenoiseResult:
     """Denoise the PET study at ``input_path`` into ``output``; see ``docs/denoise.md``.
 
@@ -307,7 +330,8 @@ def denoise_study(
     if model is None:
         if checkpoint is None:
             raise ValueError("give a checkpoint or a loaded model")
-        _check_run_options(device=device, precision=precision, batch_size=batch_size)
+        _check_run_options(device=device, precision=precision, batch_size=batch_size,
+                           threads=threads)
     else:
         uncertainty, precision, batch_size = model.uncertainty, model.precision, model.batch_size
     check_weight_and_dose(weight_kg, dose_bq)
@@ -324,7 +348,7 @@ def denoise_study(
         assert checkpoint is not None
         model = load_model(checkpoint, steps=steps, samples=samples, sampler_name=sampler_name,
                            uncertainty=uncertainty, device=device, precision=precision,
-                           batch_size=batch_size)
+                           batch_size=batch_size, engine=engine, threads=threads)
     state, dev = model.state, model.device
 
     # Outputs are written beside their final names and renamed into place only when complete.
@@ -370,7 +394,7 @@ def denoise_study(
         log.info("denoising %s: liver NSTD %.4f (%s), %s", what, nstd, how, label)
         sampling_start = time.perf_counter()
         mean, std = denoise_volume(
-            state.ema.model, volume.array, nstd=nstd, normalization=state.normalization,
+            model.network, volume.array, nstd=nstd, normalization=state.normalization,
             k=state.k, process=state.process, sampler=sampler, batch_size=batch_size,
             device=str(dev), window=state.window, dtype=PRECISIONS[precision], seed=seed,
             progress=progress)
@@ -413,6 +437,7 @@ def denoise_study(
     return DenoiseResult(
         input_description=what, nstd=nstd, nstd_source=how, sampler=label,
         checkpoint=f"{model.label} ({model.provenance})", device=str(dev), precision=precision,
+        engine=model.engine,
         seconds=time.perf_counter() - started, sampling_seconds=sampling_seconds,
         outputs=outputs)
 

@@ -13,12 +13,13 @@ import pydicom
 import pytest
 import torch
 
-from fed_ndif.checkpoints import load_checkpoint, sampler_config
+from fed_ndif.checkpoints import sampler_config
 from fed_ndif.cli import main
 from fed_ndif.data.dicom import read_pet_series
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.nstd import measure_liver_nstd
 from fed_ndif.data.sites import make_sites
+from fed_ndif.inference import load_model
 from fed_ndif.models.denoise_volume import denoise_volume
 from fed_ndif.training.trainer import train_local
 from tests.helpers.tools import require_tool
@@ -52,10 +53,11 @@ def _quantization_bound(array: np.ndarray) -> np.ndarray:
 
 
 def _direct(trained, volume, *, steps: int, samples: int, seed: int = 0, **sampler):
-    """denoise_volume called directly, as the command should call it."""
-    bundle = load_checkpoint(trained["ckpt"], device="cpu")
+    """denoise_volume called directly, as the command should call it (same engine)."""
+    loaded = load_model(trained["ckpt"], device="cpu")
+    bundle = loaded.state
     nstd, _ = measure_liver_nstd(volume, load_nifti(trained["mask"]).array > 0)
-    return denoise_volume(bundle.ema.model, volume.array, nstd=nstd,
+    return denoise_volume(loaded.network, volume.array, nstd=nstd,
                           normalization=bundle.normalization, k=bundle.k, process=bundle.process,
                           sampler=sampler_config(bundle.cfg, steps=steps, samples=samples,
                                                  **sampler),
@@ -360,3 +362,21 @@ def test_help_explains_every_option(capsys):
                    "--series-uid", "--seed", "--batch-size", "--sampler"):
         assert option in text
     assert text.count("\n  --") >= 15
+
+
+def test_engine_and_threads_options_reach_the_network(trained, tmp_path, capsys, caplog):
+    outputs = {}
+    for engine in ("torch", "onnxruntime"):
+        out = tmp_path / f"{engine}.nii.gz"
+        with caplog.at_level("INFO"):
+            code, errors = _run([str(trained["nifti"]), str(out), "--checkpoint",
+                                 str(trained["ckpt"]), "--steps", "2", "--liver-mask",
+                                 str(trained["mask"]), "--engine", engine, "--threads", "1"],
+                                capsys)
+        assert code == 0 and errors == []
+        assert f"{engine}, 1 thread" in caplog.text
+        outputs[engine] = load_nifti(out).array
+    np.testing.assert_allclose(outputs["onnxruntime"], outputs["torch"], atol=1e-4)
+    code, errors = _run([str(trained["nifti"]), str(tmp_path / "x.nii.gz"), "--checkpoint",
+                         str(trained["ckpt"]), "--threads", "0"], capsys)
+    assert code != 0 and any("--threads must be at least 1" in e for e in errors)

@@ -61,7 +61,7 @@ def denoise_volume(
     model: nn.Module, low_suv: np.ndarray, *, nstd: float, normalization: NormalizationLike,
     k: int, process: DiffusionProcess | None = None, sampler: SamplerConfig | None = None,
     warm_model: nn.Module | None = None, batch_size: int | None = None,
-    device: str | None = "auto", window: int | None = None,
+    device: str | None = "auto", window: int | None = None, window_limit: int | None = None,
     dtype: str = "float32", seed: int = 0, progress: bool = True, body_only: bool = True,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Denoise a (z, y, x) SUV volume; returns (mean SUV, per-voxel std SUV or None).
@@ -69,7 +69,8 @@ def denoise_volume(
     ``process`` None: ``model`` is the deterministic U-Net (no std). Otherwise ``model`` is the
     diffusion network, sampled with ``sampler``; ``warm_model`` (a U-Net) supplies the initial
     image when ``sampler.warm_start == "unet"``. ``window``: the patch size a patch-trained
-    network learnt on; slices larger than it go through in blended windows of that size.
+    network learnt on; slices larger than it go through in blended windows of that size, or of
+    up to ``window_limit`` pixels a side when given (fewer, larger windows).
     ``dtype='bfloat16'`` is meant for CUDA. ``body_only``: all-air slices skip the network, air
     keeps the input's values, and a windowed network sees only the body's bounding box
     (:mod:`fed_ndif.models.body`). A whole-slice network still sees whole slices: cropped, its
@@ -92,7 +93,7 @@ def denoise_volume(
     model = model.to(dev, memory_format=memory_format).eval()
     if warm_model is not None:
         warm_model = warm_model.to(dev, memory_format=memory_format).eval()
-    network = SlidingWindow(model, patch=window) if window else model
+    network = SlidingWindow(model, patch=window_limit or window) if window else model
     body = body_mask(low_suv) if body_only else None
     try:
         return _denoise_batches(network, low, body, window=window, depth=depth, k=k,

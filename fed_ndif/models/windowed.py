@@ -43,16 +43,20 @@ class SlidingWindow(nn.Module):
             n = window.shape[0]
             return self.net(window, *(None if v is None else v.expand(n) for v in values))
 
-        return sliding_window_inference(x, roi_size=(self.patch, self.patch),
+        # A side shorter than the window is taken whole (MONAI would pad it up to the window).
+        roi = (min(self.patch, x.shape[-2]), min(self.patch, x.shape[-1]))
+        return sliding_window_inference(x, roi_size=roi,
                                         sw_batch_size=self.windows_per_call, predictor=predictor,
                                         overlap=self.overlap, mode="gaussian",
-                                        roi_weight_map=self._weights(x))
+                                        roi_weight_map=self._weights(roi, x))
 
-    def _weights(self, like: torch.Tensor) -> torch.Tensor:
-        """Gaussian window weights (sigma = patch / 8, as MONAI's), without MONAI's floor of
+    @staticmethod
+    def _weights(roi: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+        """Gaussian window weights (sigma = side / 8, as MONAI's), without MONAI's floor of
         1e-3 at the window edges: with the floor, a pixel on the image border is blended
         half-and-half from a window that sees it whole and one whose edge cuts through it."""
-        centre = (self.patch - 1) / 2
-        sigma = self.patch * GAUSSIAN_SIGMA_SCALE
-        ramp = torch.exp(-0.5 * ((torch.arange(self.patch) - centre) / sigma) ** 2)
-        return (ramp[:, None] * ramp[None, :]).to(like.device, torch.float32)
+        def ramp(side: int) -> torch.Tensor:
+            centre, sigma = (side - 1) / 2, side * GAUSSIAN_SIGMA_SCALE
+            return torch.exp(-0.5 * ((torch.arange(side) - centre) / sigma) ** 2)
+
+        return (ramp(roi[0])[:, None] * ramp(roi[1])[None, :]).to(like.device, torch.float32)

@@ -38,6 +38,8 @@ class NodeConfig:
     device: str = "auto"
     precision: str = "fp32"
     batch_size: int | None = None
+    engine: str = "auto"
+    threads: int | None = None
     seed: int = 0
 
 

@@ -174,7 +174,8 @@ def build_node(config: NodeConfig) -> Node:
     check_port_free(config.host, config.port, what=f"--port {config.port}")
     model = load_model(config.checkpoint, steps=config.steps, samples=config.samples,
                        sampler_name=config.sampler, device=config.device,
-                       precision=config.precision, batch_size=config.batch_size)
+                       precision=config.precision, batch_size=config.batch_size,
+                       engine=config.engine, threads=config.threads)
     spool = Spool(Path(config.spool))
     try:
         spool.prepare()

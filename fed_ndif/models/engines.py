@@ -1,0 +1,132 @@
+"""Where the network runs at inference: eager PyTorch, or ONNX Runtime on a CPU.
+
+On a CPU, ONNX Runtime runs this project's U-Nets faster than eager PyTorch for the same
+float32 arithmetic (BENCHMARKS.md, "Whole-body denoising on 2 cores"); the export takes about a
+second, once per loaded model. Only the MONAI core (``model.unet``) is exported: the wrapper's
+padding, cropping, NSTD checks and residual stay in PyTorch, so the graph needs a dynamic batch
+and size only, and the eager model stays the reference and the fallback.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import io
+import logging
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from fed_ndif.errors import FedNdifError
+from fed_ndif.models.networks import ConditionalDiffusionUNet, UNet25D
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "torch", "onnxruntime")
+
+
+def available_threads() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def choose_engine(engine: str, *, device: torch.device, precision: str) -> str:
+    """``auto``: ONNX Runtime for float32 on a CPU when it is installed, else eager PyTorch."""
+    if engine not in ENGINES:
+        raise FedNdifError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    onnx_ok = device.type == "cpu" and precision == "fp32"
+    if engine == "onnxruntime" and not onnx_ok:
+        raise FedNdifError("--engine onnxruntime runs float32 on a CPU; use --device cpu "
+                           "--precision fp32, or --engine torch")
+    if engine == "auto":
+        installed = all(importlib.util.find_spec(name) for name in ("onnx", "onnxruntime"))
+        return "onnxruntime" if onnx_ok and installed else "torch"
+    return engine
+
+
+class _DiffusionCore(nn.Module):
+    """MONAI's diffusion U-Net with the NSTD as a positional input (export takes no kwargs)."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor,
+                nstd: torch.Tensor | None = None) -> torch.Tensor:
+        return self.unet(x, timesteps, class_labels=nstd)
+
+
+class OnnxCore(nn.Module):
+    """Stands in for a network's MONAI core; runs the exported graph in an ONNX Runtime session."""
+
+    def __init__(self, session, *, embedded: bool) -> None:
+        super().__init__()
+        self.session = session
+        self.embedded = embedded
+        self.names = [i.name for i in session.get_inputs()]
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        inputs = [x.float(), timesteps, class_labels.float() if self.embedded else None]
+        feed = {name: value.detach().cpu().contiguous().numpy()
+                for name, value in zip(self.names, [v for v in inputs if v is not None],
+                                       strict=True)}
+        return torch.from_numpy(self.session.run(None, feed)[0])
+
+
+def onnx_export(model: nn.Module) -> tuple[bytes, bool]:
+    """The serialized ONNX graph of ``model``'s core, and whether it takes the NSTD input."""
+    size = 8 * model.multiple  # any multiple of the down-sampling: the axes are dynamic
+    if isinstance(model, ConditionalDiffusionUNet):
+        core, embedded = _DiffusionCore(model.unet), model.noise_embedding
+        args = (torch.zeros(2, model.in_channels, size, size), torch.full((2,), 10))
+        names = ["x", "timesteps"]
+        if embedded:
+            args += (torch.full((2,), 0.1),)
+            names.append("nstd")
+    elif isinstance(model, UNet25D):
+        core, embedded = model.unet, False
+        args, names = (torch.zeros(2, model.in_channels, size, size),), ["x"]
+    else:
+        raise FedNdifError(f"no ONNX export for {type(model).__name__}")
+    axes = {name: {0: "batch"} for name in names}
+    axes["x"] = axes["out"] = {0: "batch", 2: "height", 3: "width"}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        # The tracer warns about shape checks it freezes; the padded input always passes them.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(core.eval(), args, buffer, dynamo=False, opset_version=17,
+                          input_names=names, output_names=["out"], dynamic_axes=axes)
+    return buffer.getvalue(), embedded
+
+
+def with_onnxruntime(model: nn.Module, *, threads: int) -> nn.Module:
+    """A copy of ``model`` whose core runs under ONNX Runtime with ``threads`` threads."""
+    import onnxruntime
+
+    runner = copy.deepcopy(model).cpu().eval()
+    graph, embedded = onnx_export(runner)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+    runner.unet = OnnxCore(session, embedded=embedded)
+    return runner
+
+
+def inference_network(model: nn.Module, *, engine: str, threads: int) -> nn.Module:
+    """``model`` as ``engine`` (already chosen by :func:`choose_engine`) runs it. An export that
+    fails leaves eager PyTorch, with a warning: slower, same numbers."""
+    if engine == "torch":
+        return model
+    try:
+        return with_onnxruntime(model, threads=threads)
+    except Exception as exc:  # any exporter or runtime failure has the fallback
+        log.warning("ONNX Runtime could not take the network (%s: %s); running eager PyTorch",
+                    exc.__class__.__name__, str(exc).splitlines()[0] if str(exc) else "")
+        return model
