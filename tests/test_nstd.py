@@ -6,7 +6,9 @@ import functools
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
+from fed_ndif.data import nstd as nstd_module
 from fed_ndif.data.nstd import find_liver_voi, liver_nstd, measure_liver_nstd
 from fed_ndif.data.phantom import Grid, Organ, make_phantom
 from fed_ndif.data.scanner import ScannerProfile, simulate_scans
@@ -91,3 +93,19 @@ def test_mask_nstd_and_errors():
     assert how == "liver mask" and value == pytest.approx(liver_nstd(array, mask))
     with pytest.raises(FedNdifError, match="does not match"):
         measure_liver_nstd(Volume(array, np.eye(4)), mask[:5])
+
+
+@pytest.mark.parametrize("touches_edge", [False, True])
+def test_hole_filling_and_depth_on_the_masks_box_equal_the_whole_array(touches_edge):
+    rng = np.random.default_rng(3)
+    mask = np.zeros((30, 40, 20), bool)
+    mask[5:20, 8:30, 4:15] = ndimage.gaussian_filter(rng.random((15, 22, 11)), 1.0) > 0.5
+    mask[10:14, 15:20, 8] = False  # a hole to fill
+    if touches_edge:
+        mask[:3, :5, :2] = True
+    spacing = np.array([2.0, 3.0, 4.0])
+    expected_fill = np.stack([ndimage.binary_fill_holes(mask[:, :, k])
+                              for k in range(mask.shape[2])], axis=2)
+    np.testing.assert_array_equal(nstd_module._fill_axial(mask), expected_fill)
+    np.testing.assert_array_equal(nstd_module._depth(mask, spacing),
+                                  ndimage.distance_transform_edt(mask, sampling=spacing))

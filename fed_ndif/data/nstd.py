@@ -61,12 +61,33 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == (int(np.argmax(sizes)) + 1)
 
 
+def _around(mask: np.ndarray) -> tuple[slice, ...]:
+    """The mask's bounding box grown by one voxel of background: hole filling and distances to
+    the background give the same answers inside it as on the whole array, far faster when the
+    mask (a body, a liver) fills a small part of a whole-body field of view."""
+    box = ndimage.find_objects(mask.astype(np.uint8))
+    if not box:
+        return tuple(slice(0, n) for n in mask.shape)
+    return tuple(slice(max(0, b.start - 1), min(n, b.stop + 1))
+                 for b, n in zip(box[0], mask.shape, strict=True))
+
+
 def _fill_axial(mask: np.ndarray) -> np.ndarray:
     """Fill holes slice by slice (canonical array: axis 2 is superior)."""
-    filled = np.empty_like(mask)
-    for k in range(mask.shape[2]):
-        filled[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
+    filled = np.zeros_like(mask)
+    box = _around(mask)
+    inside, out = mask[box], filled[box]
+    for k in range(inside.shape[2]):
+        out[:, :, k] = ndimage.binary_fill_holes(inside[:, :, k])
     return filled
+
+
+def _depth(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """Distance (mm) from each mask voxel to the nearest background voxel."""
+    depth = np.zeros(mask.shape, np.float64)
+    box = _around(mask)
+    depth[box] = ndimage.distance_transform_edt(mask[box], sampling=spacing)
+    return depth
 
 
 def _right_lung(smooth: np.ndarray, body: np.ndarray, spacing: np.ndarray,
@@ -168,7 +189,7 @@ def find_liver_voi(volume: Volume) -> np.ndarray:
                & (smooth >= 0.6 * level) & (smooth <= 1.6 * level))
     near = ndimage.binary_dilation(core, _ball(12.0, spacing))
     liver = _largest_component(similar & near)
-    depth = ndimage.distance_transform_edt(liver, sampling=spacing)
+    depth = _depth(liver, spacing)
     center = np.unravel_index(int(np.argmax(depth)), depth.shape)
     if depth[center] < 0.5 * VOI_MIN_RADIUS_MM:
         raise FedNdifError("automatic liver VOI: the liver-like region is too thin for a 3 cm "

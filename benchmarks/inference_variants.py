@@ -1,0 +1,94 @@
+"""One checkpoint under several inference settings: quality against the first setting, and time.
+
+Each variant is the checkpoint's own inference (its sampler, windows over the body, ONNX Runtime
+on a CPU) with some settings changed; every variant is scored on a site's test split, paired
+against the first one (95 % CIs over test subjects), and timed. The sampler's noise is fixed per
+voxel (seed, slice), so variants that only change geometry or the engine draw the same noise.
+
+    python benchmarks/inference_variants.py runs/scarce/sites/site_a/manifest.csv runs/i21/q \\
+        runs/i16/patch_insert/last.pt --level 0.1 \\
+        --variant today:engine=torch --variant onnx: --variant w128:window_limit=128 \\
+        --variant steps3:steps=3 --variant field:body_only=0
+
+Settings: engine (torch | onnxruntime), window_limit (pixels), steps, body_only (0 | 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fed_ndif.checkpoints import load_checkpoint, sampler_config
+from fed_ndif.evaluation.compare import Method, TestStudy, load_studies, score_methods, write_rows
+from fed_ndif.evaluation.report import write_report
+from fed_ndif.models.denoise_volume import denoise_volume
+from fed_ndif.models.engines import inference_network
+
+SETTINGS = {"engine": str, "window_limit": int, "steps": int, "body_only": lambda v: v == "1"}
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    name, _, rest = text.partition(":")
+    settings = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        if key not in SETTINGS:
+            raise SystemExit(f"{text}: unknown setting {key!r} (known: {', '.join(SETTINGS)})")
+        settings[key] = SETTINGS[key](value)
+    return name, settings
+
+
+def variant(name: str, settings: dict, checkpoint: Path, threads: int,
+            seconds: dict[str, float]) -> Method:
+    state = load_checkpoint(checkpoint, device="cpu")
+    steps = {"steps": settings["steps"]} if "steps" in settings else {}
+    sampler = sampler_config(state.cfg, **steps) if state.process is not None else None
+    network = inference_network(state.ema.model, engine=settings.get("engine", "onnxruntime"),
+                                threads=threads)
+
+    def run(study: TestStudy):
+        start = time.perf_counter()
+        mean, _ = denoise_volume(network, study.low, nstd=study.nstd,
+                                 normalization=state.normalization, k=state.k,
+                                 process=state.process, sampler=sampler, device="cpu",
+                                 window=state.window, window_limit=settings.get("window_limit"),
+                                 body_only=settings.get("body_only", True), progress=False)
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+        return mean
+
+    label = ", ".join(f"{k}={v}" for k, v in settings.items()) or "checkpoint's settings"
+    return Method(name, f"{name} ({label})", run)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("manifest", type=Path)
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("--variant", action="append", required=True, metavar="NAME:KEY=V,...")
+    parser.add_argument("--level", type=float, action="append", help="count levels (default all)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    seconds: dict[str, float] = {}
+    methods = [variant(*parse_variant(text), args.checkpoint, args.threads, seconds)
+               for text in args.variant]
+    studies = load_studies(args.manifest, "test", count_levels=args.level)
+    rows, _ = score_methods(args.manifest.parent.name, studies, methods)
+    (args.out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    write_rows(args.out_dir / "metrics.csv", rows)
+    names = [m.name for m in methods]
+    write_report(args.out_dir, rows, names, curves={}, figures=[],
+                 notes=[f"{len(studies)} test studies, {args.threads} thread(s); seconds "
+                        "denoising: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())],
+                 reference=names[0])
+    (args.out_dir / "seconds.json").write_text(json.dumps(seconds, indent=1))
+    print(json.dumps(seconds, indent=1))
+
+
+if __name__ == "__main__":
+    main()
