@@ -41,19 +41,21 @@ def _parse_size(text: str) -> tuple[int, int, int]:
     return x, y, z
 
 
-def make_checkpoint(work: Path) -> Path:
+def make_checkpoint(work: Path, patch_size: int | None = None) -> Path:
     from fed_ndif.data.sites import make_sites
     from fed_ndif.training.trainer import train_local
 
-    ckpt = work / "train" / "last.pt"
+    ckpt = work / (f"train_patch{patch_size}" if patch_size else "train") / "last.pt"
     if ckpt.is_file():
         return ckpt
+    # A patch-trained network needs slices at least a patch wide (tiny sites are 48 px).
+    matrix = [f"sites.site_a.scanner.matrix={patch_size + 8}"] if patch_size else []
     manifests = make_sites(work / "sites", overrides=[
         "sites=tiny", "sites.site_a.subjects=1", "sites.site_b.subjects=1",
-        "sites.site_c.subjects=1"], overwrite=True)
-    train_local(manifests[0], work / "train", overrides=[
+        "sites.site_c.subjects=1", *matrix], overwrite=True)
+    train_local(manifests[0], ckpt.parent, overrides=[
         "model=small", "train.steps=2", "train.batch_size=2", "train.val_every=0",
-        "train.device=cpu"])
+        "train.device=cpu", *([f"data.patch_size={patch_size}"] if patch_size else [])])
     return ckpt
 
 
@@ -145,6 +147,8 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--use-checkpoint", help="time this checkpoint (e.g. a patch-trained "
                         "one, which denoises in windows) instead of the made one")
+    parser.add_argument("--patch-size", type=int, help="make the timing checkpoint a "
+                        "patch-trained one (inference in windows of this size over the body)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--nstd-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
@@ -157,7 +161,8 @@ def main() -> None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    ckpt = Path(args.use_checkpoint) if args.use_checkpoint else make_checkpoint(work)
+    ckpt = (Path(args.use_checkpoint) if args.use_checkpoint
+            else make_checkpoint(work, args.patch_size))
     jobs = [(s, False) for s in args.sizes.split(",") if s]
     jobs += [(s, True) for s in args.nstd_only_sizes.split(",") if s]
     rows = []

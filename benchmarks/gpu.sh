@@ -4,7 +4,11 @@
 #   2. whole-volume denoising of a 192x192x400 volume at the default sampler, bf16 and fp32,
 #      through the real command path (NIfTI in, automatic liver VOI, sampling, NIfTI out), with
 #      wall time and peak GPU memory;
-#   3. the 128x128x96 volume, bf16.
+#   3. the 128x128x96 volume, bf16;
+#   4. the same 192x192x400 volume on 2 CPU cores of the same machine (taskset), as the command
+#      runs there by default (ONNX Runtime, fp32), so one run gives both numbers.
+# Denoising uses a patch-trained timing checkpoint (64-px windows over the body, as
+# data.patch_size=64 trains it) unless CHECKPOINT names another.
 # Results land in $OUT (or runs/gpu): *.json and gpu.log. Record them in BENCHMARKS.md.
 #
 # The GPU machine has torch but no MONAI/nibabel/pydicom/hydra and no package registry:
@@ -27,6 +31,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 sizes_train=${SIZES_TRAIN:-"128 192"}
 volume=${VOLUME:-192x192x400}
 small=${SMALL_VOLUME:-128x128x96}
+checkpoint=(--patch-size 64)
+if [ -n "${CHECKPOINT:-}" ]; then checkpoint=(--use-checkpoint "$CHECKPOINT"); fi
 {
   date -u
   if [ "$device" = cuda ]; then
@@ -39,10 +45,13 @@ small=${SMALL_VOLUME:-128x128x96}
     --json "$out/train_throughput.json"
   for precision in bf16 fp32; do
     "$py" benchmarks/denoise_volume.py --work "$out/work" --device "$device" \
-      --precision "$precision" --batch-size 64 --sizes "$volume" \
+      --precision "$precision" --batch-size 64 --sizes "$volume" "${checkpoint[@]}" \
       --json "$out/denoise_${volume}_${precision}.json"
   done
   "$py" benchmarks/denoise_volume.py --work "$out/work" --device "$device" --precision bf16 \
-    --batch-size 64 --sizes "$small" --json "$out/denoise_${small}_bf16.json"
+    --batch-size 64 --sizes "$small" "${checkpoint[@]}" --json "$out/denoise_${small}_bf16.json"
+  pin=(); if command -v taskset >/dev/null; then pin=(taskset -c 0,1); fi
+  "${pin[@]}" "$py" benchmarks/denoise_volume.py --work "$out/work" --device cpu \
+    --threads 2 --sizes "$volume" "${checkpoint[@]}" --json "$out/denoise_${volume}_cpu2.json"
   date -u
 } 2>&1 | tee "$out/gpu.log"
