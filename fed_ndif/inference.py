@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 import fed_ndif
 from fed_ndif.checkpoints import (
@@ -253,8 +252,6 @@ def load_model(checkpoint: str | Path, *, steps: int | None = None, samples: int
         log.warning("--precision bf16 on a CPU is usually much slower than fp32; it is meant "
                     "for GPUs")
     threads = threads or available_threads()
-    if dev.type == "cpu":
-        torch.set_num_threads(threads)
     network = inference_network(state.ema.model, engine=engine, threads=threads)
     engine = "torch" if network is state.ema.model else engine
     return LoadedModel(state=state, sampler=sampler, label=label, sha=_sha256(checkpoint)[:12],

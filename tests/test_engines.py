@@ -96,3 +96,11 @@ def test_a_failed_export_leaves_the_eager_network_with_a_warning(monkeypatch, ca
     with caplog.at_level(logging.WARNING):
         assert inference_network(model, engine="onnxruntime", threads=1) is model
     assert "(RuntimeError: unsupported operator); running eager PyTorch" in caplog.text
+
+
+def test_pytorch_keeps_one_thread_beside_onnxruntime_and_all_of_them_alone():
+    model = build_model(TINY_MODEL)
+    inference_network(model, engine="onnxruntime", threads=2)
+    assert torch.get_num_threads() == 1  # the cores are ONNX Runtime's
+    assert inference_network(model, engine="torch", threads=2) is model
+    assert torch.get_num_threads() == 2

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from fed_ndif.checkpoints import load_checkpoint, sampler_config
 from fed_ndif.data.dataset import split_studies
@@ -30,7 +29,7 @@ from fed_ndif.evaluation.lesions import LesionSet, lesion_metrics, summarize_les
 from fed_ndif.evaluation.report import write_report
 from fed_ndif.image_metrics import volume_metrics
 from fed_ndif.models.denoise_volume import denoise_volume, resolve_device
-from fed_ndif.models.engines import choose_engine, inference_network
+from fed_ndif.models.engines import available_threads, choose_engine, inference_network
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +97,7 @@ def checkpoint_method(name: str, label: str, checkpoint: Path, *, device: str = 
     overrides = {"steps": steps} if steps else {}
     sampler = sampler_config(state.cfg, **overrides) if state.process is not None else None
     engine = choose_engine("auto", device=resolve_device(device), precision="fp32")
-    network = inference_network(state.ema.model, engine=engine,
-                                threads=torch.get_num_threads())
+    network = inference_network(state.ema.model, engine=engine, threads=available_threads())
 
     def run(study: TestStudy) -> np.ndarray:
         mean, _ = denoise_volume(network, study.low, nstd=study.nstd,

@@ -1,8 +1,8 @@
 """Where the network runs at inference: eager PyTorch, or ONNX Runtime on a CPU.
 
 On a CPU, ONNX Runtime runs this project's U-Nets faster than eager PyTorch for the same
-float32 arithmetic (BENCHMARKS.md, "Whole-body denoising on 2 cores"); the export takes about a
-second, once per loaded model. Only the MONAI core (``model.unet``) is exported: the wrapper's
+float32 arithmetic (BENCHMARKS.md, "Whole-body denoising on 2 cores"); the export is done once
+per loaded model, in about a second. Only the MONAI core (``model.unet``) is exported: the wrapper's
 padding, cropping, NSTD checks and residual stay in PyTorch, so the graph needs a dynamic batch
 and size only, and the eager model stays the reference and the fallback.
 """
@@ -120,13 +120,21 @@ def with_onnxruntime(model: nn.Module, *, threads: int) -> nn.Module:
 
 
 def inference_network(model: nn.Module, *, engine: str, threads: int) -> nn.Module:
-    """``model`` as ``engine`` (already chosen by :func:`choose_engine`) runs it. An export that
-    fails leaves eager PyTorch, with a warning: slower, same numbers."""
-    if engine == "torch":
-        return model
-    try:
-        return with_onnxruntime(model, threads=threads)
-    except Exception as exc:  # any exporter or runtime failure has the fallback
-        log.warning("ONNX Runtime could not take the network (%s: %s); running eager PyTorch",
-                    exc.__class__.__name__, str(exc).splitlines()[0] if str(exc) else "")
-        return model
+    """``model`` as ``engine`` (already chosen by :func:`choose_engine`) runs it on ``threads``
+    threads. An export that fails leaves eager PyTorch, with a warning: slower, same numbers.
+
+    Sets PyTorch's (process-wide) thread count: ``threads`` for eager PyTorch; one beside ONNX
+    Runtime, whose own pool then has the cores: PyTorch is left only the sampler's arithmetic,
+    and two thread pools spinning on the same cores slow both (BENCHMARKS.md).
+    """
+    if engine != "torch":
+        try:
+            runner = with_onnxruntime(model, threads=threads)
+            torch.set_num_threads(1)
+            return runner
+        except Exception as exc:  # any exporter or runtime failure has the fallback
+            log.warning("ONNX Runtime could not take the network (%s: %s); running eager "
+                        "PyTorch", exc.__class__.__name__,
+                        str(exc).splitlines()[0] if str(exc) else "")
+    torch.set_num_threads(threads)
+    return model
