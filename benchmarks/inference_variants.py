@@ -10,23 +10,27 @@ voxel (seed, slice), so variants that only change geometry or the engine draw th
         --variant today:engine=torch --variant onnx: --variant w128:window_limit=128 \\
         --variant steps3:steps=3 --variant field:body_only=0
 
-Settings: engine (torch | onnxruntime), window_limit (pixels), steps, body_only (0 | 1).
+Settings: engine (torch | onnxruntime | openvino-f32 | openvino-bf16), window_limit (pixels),
+steps, body_only (0 | 1). OpenVINO is not a dependency of the project (measured here, not
+shipped): ``pip install openvino`` to run those variants.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from fed_ndif.checkpoints import load_checkpoint, sampler_config
 from fed_ndif.evaluation.compare import Method, TestStudy, load_studies, score_methods, write_rows
 from fed_ndif.evaluation.report import write_report
 from fed_ndif.models.denoise_volume import denoise_volume
-from fed_ndif.models.engines import inference_network
+from fed_ndif.models.engines import inference_network, onnx_export
 
 SETTINGS = {"engine": str, "window_limit": int, "steps": int, "body_only": lambda v: v == "1"}
 
@@ -42,13 +46,40 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, settings
 
 
+class OpenVinoCore(nn.Module):
+    """The exported core under OpenVINO at the given inference precision."""
+
+    def __init__(self, model: nn.Module, *, precision: str, threads: int) -> None:
+        import openvino
+
+        super().__init__()
+        graph, self.embedded = onnx_export(model)
+        core = openvino.Core()
+        self.compiled = core.compile_model(core.read_model(graph), "CPU", {
+            "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision,
+            "NUM_STREAMS": 1})
+
+    def forward(self, x, timesteps=None, class_labels=None):
+        inputs = [x.float(), timesteps, class_labels.float() if self.embedded else None]
+        arrays = [v.contiguous().numpy() for v in inputs if v is not None]
+        return torch.from_numpy(self.compiled(arrays)[0].copy())
+
+
+def network_for(model: nn.Module, engine: str, threads: int) -> nn.Module:
+    if not engine.startswith("openvino"):
+        return inference_network(model, engine=engine, threads=threads)
+    runner = copy.deepcopy(model).eval()
+    runner.unet = OpenVinoCore(runner, precision=engine.split("-")[1], threads=threads)
+    torch.set_num_threads(1)
+    return runner
+
+
 def variant(name: str, settings: dict, checkpoint: Path, threads: int,
             seconds: dict[str, float]) -> Method:
     state = load_checkpoint(checkpoint, device="cpu")
     steps = {"steps": settings["steps"]} if "steps" in settings else {}
     sampler = sampler_config(state.cfg, **steps) if state.process is not None else None
-    network = inference_network(state.ema.model, engine=settings.get("engine", "onnxruntime"),
-                                threads=threads)
+    network = network_for(state.ema.model, settings.get("engine", "onnxruntime"), threads)
 
     def run(study: TestStudy):
         start = time.perf_counter()

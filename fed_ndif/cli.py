@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, metavar="N", help="sampling steps (network evaluations "
                    "per slice and sample); default: the checkpoint's sampler setting")
     p.add_argument("--sampler", choices=("dpmpp_2m", "ddim", "ddpm"), help="sampler; default: "
-                   "the checkpoint's (shipped configs: dpmpp_2m, DPM-Solver++(2M), 5 steps)")
+                   "the checkpoint's (shipped configs: dpmpp_2m, DPM-Solver++(2M), 3 steps)")
     p.add_argument("--samples", type=int, metavar="K", help="samples averaged per slice; "
                    "default: the checkpoint's sampler setting (1 on the shipped configs)")
     p.add_argument("--uncertainty", action="store_true", help="also write the per-voxel std "
