@@ -65,13 +65,15 @@ class OpenVinoCore(nn.Module):
         return torch.from_numpy(self.compiled(arrays)[0].copy())
 
 
-def network_for(model: nn.Module, engine: str, threads: int) -> nn.Module:
+def network_for(model: nn.Module, engine: str, threads: int) -> tuple[nn.Module, int]:
+    """The network and the PyTorch thread count it runs with (the engine sets it, process-wide,
+    so each variant sets it again before it runs)."""
     if not engine.startswith("openvino"):
-        return inference_network(model, engine=engine, threads=threads)
+        network = inference_network(model, engine=engine, threads=threads)
+        return network, torch.get_num_threads()
     runner = copy.deepcopy(model).eval()
     runner.unet = OpenVinoCore(runner, precision=engine.split("-")[1], threads=threads)
-    torch.set_num_threads(1)
-    return runner
+    return runner, 1
 
 
 def variant(name: str, settings: dict, checkpoint: Path, threads: int,
@@ -79,9 +81,11 @@ def variant(name: str, settings: dict, checkpoint: Path, threads: int,
     state = load_checkpoint(checkpoint, device="cpu")
     steps = {"steps": settings["steps"]} if "steps" in settings else {}
     sampler = sampler_config(state.cfg, **steps) if state.process is not None else None
-    network = network_for(state.ema.model, settings.get("engine", "onnxruntime"), threads)
+    network, torch_threads = network_for(state.ema.model, settings.get("engine", "onnxruntime"),
+                                         threads)
 
     def run(study: TestStudy):
+        torch.set_num_threads(torch_threads)
         start = time.perf_counter()
         mean, _ = denoise_volume(network, study.low, nstd=study.nstd,
                                  normalization=state.normalization, k=state.k,

@@ -70,12 +70,13 @@ def _event(log: str, prefix: str) -> tuple[float, str]:
     return _stamp(line), line
 
 
-def measure_denoise(series: Path, ckpt: Path, work: Path) -> dict:
+def measure_denoise(series: Path, ckpt: Path, work: Path, threads: int) -> dict:
     out = work / "denoise_out"
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "fed_ndif.cli", "denoise", str(series), str(out),
-                          "--checkpoint", str(ckpt), "--device", "cpu"],
+                          "--checkpoint", str(ckpt), "--device", "cpu",
+                          "--threads", str(threads)],
                          capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     if run.returncode != 0:
@@ -84,7 +85,7 @@ def measure_denoise(series: Path, ckpt: Path, work: Path) -> dict:
     return {"denoise_command_wall_s": wall, "denoise_seconds": seconds}
 
 
-def measure_node(series: Path, ckpt: Path, work: Path, settle: float) -> dict:
+def measure_node(series: Path, ckpt: Path, work: Path, settle: float, threads: int) -> dict:
     node_port, pacs_port = ports()
     for name in ("spool", "pacs", "node.log", "storescp.log"):
         path = work / name
@@ -92,7 +93,8 @@ def measure_node(series: Path, ckpt: Path, work: Path, settle: float) -> dict:
     pacs = start_storescp(work / "pacs", pacs_port, work / "storescp.log")
     node = start_node(checkpoint=ckpt, spool=work / "spool", port=node_port,
                       destination_port=pacs_port, log=work / "node.log", settle_s=settle,
-                      steps=None)  # the checkpoint's sampler, as denoise uses it
+                      steps=None,  # the checkpoint's sampler, as denoise uses it
+                      threads=threads)
     try:
         nz = len(list(series.iterdir()))
         sent_start = time.time()
@@ -137,10 +139,10 @@ def main() -> None:
     series = make_series(_parse_size(args.size), work)
     # The command both before and after the node: on a shared machine the load moves, and the
     # faster of the two is the fairer (stricter) bound.
-    first = measure_denoise(series, ckpt, work)
+    first = measure_denoise(series, ckpt, work, args.threads)
     record = {"size": args.size, "threads": args.threads,
-              **measure_node(series, ckpt, work, args.settle)}
-    second = measure_denoise(series, ckpt, work)
+              **measure_node(series, ckpt, work, args.settle, args.threads)}
+    second = measure_denoise(series, ckpt, work, args.threads)
     record["denoise_seconds_runs"] = [first["denoise_seconds"], second["denoise_seconds"]]
     record["denoise_command_wall_s_runs"] = [first["denoise_command_wall_s"],
                                              second["denoise_command_wall_s"]]

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from inference_variants import network_for, parse_variant
 from scipy import ndimage
 
@@ -57,9 +58,11 @@ def variant(name: str, settings: dict, checkpoint: Path, threads: int,
     state = load_checkpoint(checkpoint, device="cpu")
     steps = {"steps": settings["steps"]} if "steps" in settings else {}
     sampler = sampler_config(state.cfg, **steps)
-    network = network_for(state.ema.model, settings.get("engine", "onnxruntime"), threads)
+    network, torch_threads = network_for(state.ema.model, settings.get("engine", "onnxruntime"),
+                                         threads)
 
     def run(study: TestStudy) -> np.ndarray:
+        torch.set_num_threads(torch_threads)
         start = time.perf_counter()
         mean, _ = denoise_volume(network, study.low, nstd=liver_nstd(study.low, study.liver),
                                  normalization=state.normalization, k=state.k,

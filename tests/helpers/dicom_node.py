@@ -73,7 +73,7 @@ def _start(command: list[str], log: Path, env: dict[str, str] | None = None) -> 
 
 def start_node(*, checkpoint: Path, spool: Path, port: int, destination_port: int, log: Path,
                settle_s: float = 1.0, extra: list[str] | None = None,
-               verbose: bool = False, steps: int | None = 2,
+               verbose: bool = False, steps: int | None = 2, threads: int = 1,
                ready_timeout_s: float = 90.0) -> Proc:
     """``fed-ndif serve`` as NODE on 127.0.0.1, sending to PACS@127.0.0.1:destination_port."""
     command = [sys.executable, "-m", "fed_ndif.cli", *(["-v"] if verbose else []), "serve",
@@ -81,6 +81,7 @@ def start_node(*, checkpoint: Path, spool: Path, port: int, destination_port: in
                "--port", str(port),
                "--destination", f"PACS@127.0.0.1:{destination_port}", "--spool", str(spool),
                "--settle-seconds", str(settle_s), "--device", "cpu",
+               "--threads", str(threads),
                *(["--steps", str(steps)] if steps else []), *(extra or [])]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     node = _start(command, log, env)
