@@ -99,6 +99,19 @@ def variant(name: str, settings: dict, checkpoint: Path, threads: int,
     return Method(name, f"{name} ({label})", run)
 
 
+def write_results(out_dir: Path, rows: list[dict], methods: list[Method],
+                  seconds: dict[str, float], what: str) -> None:
+    """metrics.csv, the report (every variant paired against the first) and seconds.json."""
+    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
+    write_rows(out_dir / "metrics.csv", rows)
+    names = [m.name for m in methods]
+    write_report(out_dir, rows, names, curves={}, figures=[],
+                 notes=[f"{what}; seconds denoising: "
+                        + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())],
+                 reference=names[0])
+    (out_dir / "seconds.json").write_text(json.dumps(seconds, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("manifest", type=Path)
@@ -114,14 +127,8 @@ def main() -> None:
                for text in args.variant]
     studies = load_studies(args.manifest, "test", count_levels=args.level)
     rows, _ = score_methods(args.manifest.parent.name, studies, methods)
-    (args.out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    write_rows(args.out_dir / "metrics.csv", rows)
-    names = [m.name for m in methods]
-    write_report(args.out_dir, rows, names, curves={}, figures=[],
-                 notes=[f"{len(studies)} test studies, {args.threads} thread(s); seconds "
-                        "denoising: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())],
-                 reference=names[0])
-    (args.out_dir / "seconds.json").write_text(json.dumps(seconds, indent=1))
+    write_results(args.out_dir, rows, methods, seconds,
+                  f"{len(studies)} test studies, {args.threads} thread(s)")
     print(json.dumps(seconds, indent=1))
 
 

@@ -2,8 +2,8 @@
 
 The 192x192x400 torso-to-head phantoms of ``denoise_volume.py`` (3.65 mm pixels, 70 cm field of
 view; the low-count input is the phantom's activity with correlated noise), several subjects,
-each denoised under every setting through ``denoise_volume`` with the liver NSTD from the
-phantom's liver. Scored against the phantom's activity (the truth here: full count and
+each denoised under every setting as ``inference_variants.py`` does it, with the liver NSTD from
+the phantom's liver. Scored against the phantom's activity (the truth here: full count and
 noise-free are both the activity) with the evaluation's metrics and lesion set, every setting
 paired against the first (95 % CIs over subjects).
 
@@ -18,21 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from inference_variants import network_for, parse_variant
+from inference_variants import parse_variant, variant, write_results
 from scipy import ndimage
 
-from fed_ndif.checkpoints import load_checkpoint, sampler_config
 from fed_ndif.data.manifest import Study
-from fed_ndif.data.nstd import liver_nstd
 from fed_ndif.data.phantom import Grid, Organ, make_phantom
-from fed_ndif.evaluation.compare import Method, TestStudy, score_methods, write_rows
-from fed_ndif.evaluation.report import write_report
-from fed_ndif.models.denoise_volume import denoise_volume
+from fed_ndif.evaluation.compare import TestStudy, score_methods
 from fed_ndif.models.engines import available_threads
 
 SHAPE = (400, 192, 192)  # (z, y, x)
@@ -53,29 +47,6 @@ def phantom_study(subject: int) -> TestStudy:
                      lesions=phantom.lesions, spacing=SPACING, ideal=activity)
 
 
-def variant(name: str, settings: dict, checkpoint: Path, threads: int,
-            seconds: dict[str, float]) -> Method:
-    state = load_checkpoint(checkpoint, device="cpu")
-    steps = {"steps": settings["steps"]} if "steps" in settings else {}
-    sampler = sampler_config(state.cfg, **steps)
-    network, torch_threads = network_for(state.ema.model, settings.get("engine", "onnxruntime"),
-                                         threads)
-
-    def run(study: TestStudy) -> np.ndarray:
-        torch.set_num_threads(torch_threads)
-        start = time.perf_counter()
-        mean, _ = denoise_volume(network, study.low, nstd=liver_nstd(study.low, study.liver),
-                                 normalization=state.normalization, k=state.k,
-                                 process=state.process, sampler=sampler, device="cpu",
-                                 window=state.window, window_limit=settings.get("window_limit"),
-                                 progress=False)
-        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
-        return mean
-
-    label = ", ".join(f"{k}={v}" for k, v in settings.items()) or "defaults"
-    return Method(name, f"{name} ({label})", run)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
@@ -91,15 +62,8 @@ def main() -> None:
     for subject in range(args.subjects):  # one at a time: a whole body is 59 MB a volume
         rows += score_methods("whole_body", [phantom_study(subject)], methods)[0]
         print(f"subject {subject}: {json.dumps(seconds)}", flush=True)
-    (args.out_dir / "figures").mkdir(parents=True, exist_ok=True)
-    write_rows(args.out_dir / "metrics.csv", rows)
-    names = [m.name for m in methods]
-    write_report(args.out_dir, rows, names, curves={}, figures=[],
-                 notes=[f"{args.subjects} whole-body phantoms 192x192x400, {args.threads} "
-                        "thread(s); seconds denoising: "
-                        + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())],
-                 reference=names[0])
-    (args.out_dir / "seconds.json").write_text(json.dumps(seconds, indent=1))
+    write_results(args.out_dir, rows, methods, seconds,
+                  f"{args.subjects} whole-body phantoms 192x192x400, {args.threads} thread(s)")
 
 
 if __name__ == "__main__":
