@@ -126,6 +126,7 @@ def test_study_in_derived_series_out_once(assets, run):
     log = run.log()
     for event in ("received from STORESCU", "ready:", "denoised:", "delivered:", "dropped:"):
         assert event in log, event
+    assert "model on cpu, onnxruntime, 1 thread" in log  # the command's engine and threads
     # The same PET series again: the same derived UIDs, so still one series of nz instances.
     again = storescu(assets["study"] / "pet", run.node_port)
     assert again.returncode == 0

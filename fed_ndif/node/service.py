@@ -61,11 +61,11 @@ class Node:
         except OSError as exc:
             raise FedNdifError(f"--port {self.config.port}: cannot listen on {self.config.host} "
                                f"({exc.strerror or exc})") from None
-        log.info("listening as %s on %s:%d%s; callers %s; destination %s; spool %s; settle %g s",
-                 self.config.ae_title, self.config.host, self.config.port,
+        log.info("listening as %s on %s:%d%s; callers %s; destination %s; spool %s; settle %g s;"
+                 " model on %s, %s", self.config.ae_title, self.config.host, self.config.port,
                  " (TLS)" if self.receiver.ssl_context else "",
                  " ".join(self.config.allow) or "any", self.destination, self.config.spool,
-                 self.config.settle_s)
+                 self.config.settle_s, self.model.device, self.model.engine)
         try:
             while not self.stopping.is_set():
                 try:
