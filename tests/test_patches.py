@@ -109,3 +109,21 @@ def test_windows_get_each_images_own_values():
     error = (windowed - direct)[..., 2:-2, 2:-2].abs()
     assert float(error.max()) < 0.02, float(error.max())
     assert float((windowed[1] - windowed[0]).mean()) > 1.0  # image 1's own t and NSTD
+
+
+def test_a_side_shorter_than_the_window_is_taken_whole_not_padded():
+    class Recording(_LocalNet):
+        def forward(self, x, t, nstd):
+            self.seen.append(tuple(x.shape[-2:]))
+            return super().forward(x, t, nstd)
+
+    net = Recording()
+    net.seen = []
+    x = torch.randn(1, 2, 3 * PATCH, PATCH // 2)  # tall and narrower than a window
+    t, nstd = torch.full((1,), 40), torch.full((1,), 0.25)
+    with torch.no_grad():
+        windowed = SlidingWindow(net, patch=PATCH)(x, t, nstd)
+        direct = net(x, t, nstd)
+    assert set(net.seen[:-1]) == {(PATCH, PATCH // 2)}  # no zero columns added
+    error = (windowed - direct)[..., 2:-2, 2:-2].abs()
+    assert float(error.max()) < 0.02, float(error.max())
