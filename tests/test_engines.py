@@ -104,3 +104,20 @@ def test_pytorch_keeps_one_thread_beside_onnxruntime_and_all_of_them_alone():
     assert torch.get_num_threads() == 1  # the cores are ONNX Runtime's
     assert inference_network(model, engine="torch", threads=2) is model
     assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize(("files", "expected"), [
+    ({}, None),  # no cgroup files: the affinity alone
+    ({"cpu.max": "max 100000\n"}, None),
+    ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: two threads
+    ({"cpu.max": "50000 100000\n"}, 1),
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),
+])
+def test_threads_follow_the_affinity_capped_by_a_cpu_quota(tmp_path, monkeypatch, files,
+                                                           expected):
+    monkeypatch.setattr(engines.os, "sched_getaffinity", lambda pid: set(range(8)))
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert engines.available_threads(tmp_path) == (expected or 8)

@@ -13,8 +13,10 @@ import copy
 import importlib.util
 import io
 import logging
+import math
 import os
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,12 +29,31 @@ log = logging.getLogger(__name__)
 ENGINES = ("auto", "torch", "onnxruntime")
 
 
-def available_threads() -> int:
-    """The cores this process may run on (a container's CPU set, not the host's count)."""
+def available_threads(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity (a container's CPU set), capped by a
+    CPU quota (``docker run --cpus``, a Kubernetes CPU limit), which leaves the affinity at the
+    host's count. More threads than the quota makes them wait on each other."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = _cpu_quota(cgroup)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cpu_quota(cgroup: Path) -> float | None:
+    """CPUs granted by the cgroup's CFS quota (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us``)."""
+    try:
+        if (cgroup / "cpu.max").is_file():
+            quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        else:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        if quota in ("max", "-1"):
+            return None
+        return int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
 
 
 def choose_engine(engine: str, *, device: torch.device, precision: str) -> str:
