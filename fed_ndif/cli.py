@@ -433,6 +433,13 @@ def main(argv: list[str] | None = None) -> int:
     except FedNdifError as exc:
         print(f"fed-ndif {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # The machine's fault (a full disk, an I/O error), not the input's: one line, and no
+        # file name, which in an export folder may name a patient.
+        reason = exc.strerror or str(exc) or exc.__class__.__name__
+        print(f"fed-ndif {args.command}: error: {reason}"
+              f"{f' (errno {exc.errno})' if exc.errno else ''}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         kept = ("the work done is kept aside; run the same command again to continue"
                 if getattr(args, "resumable", False) else "no partial output was kept")

@@ -12,6 +12,7 @@ leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import math
@@ -357,6 +358,8 @@ def denoise_study(
             else:
                 folder = stack.enter_context(staged_folder(plan.output))
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise  # a full disk is not the output's fault: the node tries again later
             first = next(iter(plan.targets.values()))
             raise FedNdifError(f"{first}: cannot write there ({exc.strerror or exc})") from None
         info = None

@@ -353,6 +353,33 @@ def test_interrupted_run_leaves_nothing(existing, trained, tmp_path, capsys, mon
     assert _listing(tmp_path) == before
 
 
+@pytest.mark.parametrize("where", ["writing", "staging"])
+def test_a_full_disk_is_one_line_leaves_nothing_and_is_not_called_bad_output(
+        where, trained, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import fed_ndif.inference as inference
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(inference, "save_nifti" if where == "writing" else "staged_folder", full)
+    out = tmp_path / "out"
+    before = _listing(tmp_path)
+    code = main(["denoise", str(trained["dicom"]), str(out), "--checkpoint", str(trained["ckpt"]),
+                 "--format", "both", "--steps", "1", "--liver-mask", str(trained["mask"])])
+    err = [line for line in capsys.readouterr().err.splitlines()
+           if line.startswith("fed-ndif") or "Traceback" in line]
+    assert code == 1 and err == ["fed-ndif denoise: error: No space left on device (errno 28)"]
+    assert _listing(tmp_path) == before
+    # The DICOM node retries what raises OSError (the disk may free up) and moves what raises
+    # FedNdifError (the series' or output's own fault) to failed/: a full disk must be the first.
+    with pytest.raises(OSError):
+        inference.denoise_study(trained["dicom"], out, checkpoint=trained["ckpt"],
+                                output_format="both", steps=1, progress=False,
+                                liver_mask=trained["mask"])
+
+
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["denoise", "--help"])
