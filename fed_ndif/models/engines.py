@@ -2,9 +2,9 @@
 
 On a CPU, ONNX Runtime runs this project's U-Nets faster than eager PyTorch for the same
 float32 arithmetic (BENCHMARKS.md, "Whole-body denoising on 2 cores"); the export is done once
-per loaded model, in about a second. Only the MONAI core (``model.unet``) is exported: the wrapper's
-padding, cropping, NSTD checks and residual stay in PyTorch, so the graph needs a dynamic batch
-and size only, and the eager model stays the reference and the fallback.
+per loaded model, in about a second. Only the MONAI core (``model.unet``) is exported: the
+wrapper's padding, cropping, NSTD checks and residual stay in PyTorch, so the graph needs a
+dynamic batch and size only, and the eager model stays the reference and the fallback.
 """
 
 from __future__ import annotations
