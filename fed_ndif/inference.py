@@ -282,7 +282,7 @@ def derived_uid_sources(info: PetSeriesInfo, model: LoadedModel, sampler_label: 
     same settings gets the same UIDs, so a PACS holds one derived series, not two."""
     instances = hashlib.sha256("\\".join(sorted(info.sop_instance_uids)).encode()).hexdigest()
     return ["fed-ndif derived", info.series_uid, instances, model.sha, sampler_label,
-            f"seed {seed}", f"nstd {nstd:.6g}", model.precision]
+            f"seed {seed}", f"nstd {nstd:.6g}", model.precision, model.engine.split(",")[0]]
 
 
 def _check_axial(volume: Volume, where: Path) -> None:
@@ -321,7 +321,8 @@ def denoise_study(
     a NIfTI file). ``weight_kg`` / ``dose_bq`` / ``series_uid`` apply to DICOM input, as in
     :func:`~fed_ndif.data.dicom.read_pet_series`. ``model`` (from :func:`load_model`) replaces
     ``checkpoint`` and the options it was loaded with (steps, samples, sampler, uncertainty,
-    device, precision, batch size), so a long-running service loads the checkpoint once.
+    device, precision, batch size, engine, threads), so a long-running service loads the
+    checkpoint once.
     """
     started = time.perf_counter()
     input_path, output = Path(input_path), Path(output)

@@ -407,3 +407,18 @@ def test_engine_and_threads_options_reach_the_network(trained, tmp_path, capsys,
     code, errors = _run([str(trained["nifti"]), str(tmp_path / "x.nii.gz"), "--checkpoint",
                          str(trained["ckpt"]), "--threads", "0"], capsys)
     assert code != 0 and any("--threads must be at least 1" in e for e in errors)
+
+
+def test_derived_uids_change_with_the_engine_not_with_the_threads(trained):
+    from types import SimpleNamespace
+
+    from fed_ndif.inference import derived_uid_sources
+
+    info = SimpleNamespace(series_uid="1.2.3", sop_instance_uids=["1.2.3.1", "1.2.3.2"])
+    sources = {(engine, threads): derived_uid_sources(
+        info, load_model(trained["ckpt"], device="cpu", engine=engine, threads=threads),
+        "DPM-Solver++(2M), 3 steps x 1 sample", 0, 0.2)
+        for engine, threads in (("torch", 1), ("onnxruntime", 1), ("onnxruntime", 2))}
+    # Another engine may round differently: a PACS must not get other pixels under the same UIDs.
+    assert sources[("torch", 1)] != sources[("onnxruntime", 1)]
+    assert sources[("onnxruntime", 1)] == sources[("onnxruntime", 2)]
