@@ -53,11 +53,11 @@ class OpenVinoCore(nn.Module):
         import openvino
 
         super().__init__()
-        graph, self.embedded = onnx_export(model)
         core = openvino.Core()
-        self.compiled = core.compile_model(core.read_model(graph), "CPU", {
+        self.compiled = core.compile_model(core.read_model(onnx_export(model)), "CPU", {
             "INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": precision,
             "NUM_STREAMS": 1})
+        self.embedded = len(self.compiled.inputs) == 3  # x, timesteps, nstd
 
     def forward(self, x, timesteps=None, class_labels=None):
         inputs = [x.float(), timesteps, class_labels.float() if self.embedded else None]

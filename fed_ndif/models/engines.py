@@ -85,11 +85,11 @@ class _DiffusionCore(nn.Module):
 class OnnxCore(nn.Module):
     """Stands in for a network's MONAI core; runs the exported graph in an ONNX Runtime session."""
 
-    def __init__(self, session, *, embedded: bool) -> None:
+    def __init__(self, session) -> None:
         super().__init__()
         self.session = session
-        self.embedded = embedded
         self.names = [i.name for i in session.get_inputs()]
+        self.embedded = "nstd" in self.names
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | None = None,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,18 +100,19 @@ class OnnxCore(nn.Module):
         return torch.from_numpy(self.session.run(None, feed)[0])
 
 
-def onnx_export(model: nn.Module) -> tuple[bytes, bool]:
-    """The serialized ONNX graph of ``model``'s core, and whether it takes the NSTD input."""
+def onnx_export(model: nn.Module) -> bytes:
+    """The serialized ONNX graph of ``model``'s core (inputs x, timesteps and nstd where the
+    network takes them)."""
     size = 8 * model.multiple  # any multiple of the down-sampling: the axes are dynamic
     if isinstance(model, ConditionalDiffusionUNet):
-        core, embedded = _DiffusionCore(model.unet), model.noise_embedding
+        core = _DiffusionCore(model.unet)
         args = (torch.zeros(2, model.in_channels, size, size), torch.full((2,), 10))
         names = ["x", "timesteps"]
-        if embedded:
+        if model.noise_embedding:
             args += (torch.full((2,), 0.1),)
             names.append("nstd")
     elif isinstance(model, UNet25D):
-        core, embedded = model.unet, False
+        core = model.unet
         args, names = (torch.zeros(2, model.in_channels, size, size),), ["x"]
     else:
         raise FedNdifError(f"no ONNX export for {type(model).__name__}")
@@ -123,7 +124,7 @@ def onnx_export(model: nn.Module) -> tuple[bytes, bool]:
         warnings.simplefilter("ignore")
         torch.onnx.export(core.eval(), args, buffer, dynamo=False, opset_version=17,
                           input_names=names, output_names=["out"], dynamic_axes=axes)
-    return buffer.getvalue(), embedded
+    return buffer.getvalue()
 
 
 def with_onnxruntime(model: nn.Module, *, threads: int) -> nn.Module:
@@ -131,12 +132,12 @@ def with_onnxruntime(model: nn.Module, *, threads: int) -> nn.Module:
     import onnxruntime
 
     runner = copy.deepcopy(model).cpu().eval()
-    graph, embedded = onnx_export(runner)
+    graph = onnx_export(runner)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     session = onnxruntime.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-    runner.unet = OnnxCore(session, embedded=embedded)
+    runner.unet = OnnxCore(session)
     return runner
 
 
