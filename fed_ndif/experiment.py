@@ -38,6 +38,7 @@ from fed_ndif.checkpoints import (
 )
 from fed_ndif.data.dataset import held_out_levels
 from fed_ndif.data.manifest import MANIFEST_NAME
+from fed_ndif.data.sites import parse_sites
 from fed_ndif.errors import FedNdifError
 from fed_ndif.evaluation.compare import (
     INPUT_LABEL,
@@ -94,16 +95,20 @@ LEARNED = {"local", "fedavg_unet", "fedavg_no_nstd", "fedndif_global", "fedndif_
 
 @dataclass(frozen=True)
 class Budget:
-    """One training budget for every learned method: optimizer steps x batch, per site.
+    """One training budget for every learned method, counted as the pixels that pass through
+    the network: optimizer steps x batch x pixels per sample (a patch, or a whole slice where
+    the slice is smaller than the patch or patches are off), per site. Steps x batch alone
+    would charge a 64-px patch like a 120-px slice, 3.5 times its compute.
 
     A site spends ``per_site = rounds x local_steps + finetune_steps`` steps on Fed-NDIF
     personalized (federated rounds, then fine-tuning). Every other learned method gets the
     same: the federations run ``finetune_steps / local_steps`` more rounds (personalization
     starts from round ``rounds``), local-only trains ``per_site`` steps at each site, and
-    pooled training ``sites x per_site`` steps on all sites' data.
+    pooled training ``sites x per_site`` steps on all sites' data. Every method trains on the
+    same samples (``data``), so equal steps are equal pixels.
     """
 
-    sites: int
+    pixels: tuple[int, ...]  # per training sample, one entry per site
     rounds: int
     local_steps: int
     finetune_steps: int
@@ -116,6 +121,22 @@ class Budget:
                                f"({self.local_steps}), so that every learned method can get the "
                                "same training budget")
 
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> Budget:
+        patch = cfg.data.get("patch_size")
+        pixels = []
+        for site in parse_sites(cfg):
+            side = min(int(patch), site.scanner.matrix) if patch else site.scanner.matrix
+            pixels.append(side * side if patch else site.scanner.matrix ** 2)
+        return cls(pixels=tuple(pixels), rounds=int(cfg.fl.rounds),
+                   local_steps=int(cfg.fl.local_steps),
+                   finetune_steps=int(cfg.compare.finetune_steps),
+                   batch=int(cfg.train.batch_size))
+
+    @property
+    def sites(self) -> int:
+        return len(self.pixels)
+
     @property
     def per_site(self) -> int:
         return self.rounds * self.local_steps + self.finetune_steps
@@ -124,13 +145,20 @@ class Budget:
     def federated_rounds(self) -> int:
         return self.rounds + self.finetune_steps // self.local_steps
 
+    @property
+    def megapixels(self) -> float:
+        """What every learned method passes through its network, all sites together."""
+        return self.per_site * self.batch * sum(self.pixels) / 1e6
+
     def label(self) -> str:
-        return f"{self.sites} × {self.per_site} × {self.batch}"
+        return f"{self.megapixels:.1f} Mpx"
 
     def notes(self, finetune_lr: float) -> str:
-        return (f"Training budget, the same for every learned method: {self.per_site} optimizer "
-                f"steps of batch {self.batch} per site ({self.sites} sites; table column "
-                f"'budget' = sites × steps × batch). Fed-NDIF personalized: {self.rounds} "
+        sides = ", ".join(f"{round(p ** 0.5)}²" for p in self.pixels)
+        return (f"Training budget, the same for every learned method: {self.megapixels:.1f} "
+                f"megapixels through the network (table column 'budget'), that is "
+                f"{self.per_site} optimizer steps of batch {self.batch} per site on samples of "
+                f"{sides} pixels ({self.sites} sites). Fed-NDIF personalized: {self.rounds} "
                 f"federated rounds of {self.local_steps} local steps, then up to "
                 f"{self.finetune_steps} fine-tuning steps at lr {finetune_lr:g}, or the "
                 f"final global model where none of those steps beats it on validation; the "
@@ -163,10 +191,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
     methods = _methods(cfg)
     sites = list(cfg.sites.keys())
     manifests = {s: sites_dir / s / MANIFEST_NAME for s in sites}
-    budget = Budget(sites=len(sites), rounds=int(cfg.fl.rounds),
-                    local_steps=int(cfg.fl.local_steps),
-                    finetune_steps=int(cfg.compare.finetune_steps),
-                    batch=int(cfg.train.batch_size))
+    budget = Budget.from_config(cfg)
     rounds = budget.federated_rounds
 
     checkpoints: dict[str, dict[str, Path]] = {m: {} for m in methods}

@@ -24,9 +24,13 @@ def _pair(n: int = 4, *, noise: float = 0.1, seed: int = 0):
 
 
 def _insert(low, full, spacing, *, seed=1, **settings):
-    settings = {"probability": 1.0, **settings}
-    return insert_lesions(low, full, spacing, settings=LesionInsertion(**settings),
-                          body_level=0.3, generator=torch.Generator().manual_seed(seed))
+    settings = {"probability": 1.0, "radius_mm": (2.5, 10.0), "contrast": (0.5, 4.0),
+                "fwhm_mm": 6.0, **settings}
+    n = low.shape[0]
+    return insert_lesions(low, full, full_stack=full.expand_as(low).clone(), spacing=spacing,
+                          fwhm=torch.zeros(n, 3), count_level=torch.full((n,), 0.1),
+                          settings=LesionInsertion(**settings), body_level=0.3,
+                          generator=torch.Generator().manual_seed(seed))
 
 
 def test_off_leaves_the_pair_as_it_is():
@@ -48,8 +52,7 @@ def test_the_same_sphere_goes_into_input_and_target_inside_the_body():
         # Radius 8 mm against a 2.5 mm blur sigma: the centre keeps nearly the full contrast
         # (background 1 SUV), unless the target slice cuts the sphere off its centre.
         assert 1.5 < float(added_full[i].max()) <= 3.0 + 1e-5
-        # Noise-free input: its centre slice gets exactly the target's sphere (away from the
-        # body's edge, which the noise texture, the input minus its smoothed self, also holds)...
+        # Noise-free input: its centre slice gets exactly the target's sphere...
         torch.testing.assert_close(added_low[i, K][interior], added_full[i, 0][interior],
                                    atol=0.01, rtol=0)
         # ...and the neighbouring slices the same sphere's cross-sections at their depths.
@@ -76,8 +79,9 @@ def test_the_input_gets_the_noise_of_a_hotter_region():
     inside = (new_full - full)[:, 0] > 3.0
     before = (low[:, K] - full[:, 0])[inside].std()
     after = (new_low[:, K] - new_full[:, 0])[inside].std()
-    # Poisson-like: 5x the mean inside the lesion, so about sqrt(5) x the noise.
-    assert 1.7 < float(after / before) < 2.6
+    # Poisson-like: 5x the mean inside the lesion, so about sqrt(5) x the noise (here the
+    # input's noise is all in low - full, so a little more: sqrt(1 + 4 / 0.9)).
+    assert 2.0 < float(after / before) < 2.6
 
 
 def test_draws_depend_on_the_generator_only():
@@ -100,7 +104,11 @@ def test_a_patch_of_air_gets_no_lesion():
     ({"probability": 1.5}, "probability"),
     ({"radius_mm": [5, 2]}, "radius_mm"),
     ({"radius": 3}, "radius"),
+    ({"probability": 0.5}, "missing"),
+    ({"probability": 0.5, "radius_mm": "big"}, "radius_mm"),
 ])
 def test_bad_settings_are_named(settings, word):
     with pytest.raises(FedNdifError, match=f"train.insert_lesions.*{word}"):
-        LesionInsertion.from_config({"insert_lesions": settings})
+        LesionInsertion.from_config({"insert_lesions": {
+            "probability": 0.5, "radius_mm": [2.5, 10.0], "contrast": [0.5, 4.0], "fwhm_mm": 6.0,
+            **settings} if word != "missing" else settings})

@@ -38,11 +38,9 @@ def test_experiment_composes_into_a_runnable_simulation(experiment, tmp_path):
     assert set(to_run_config(fed)) <= set(declared), set(to_run_config(fed)) - set(declared)
     sampler = sampler_config(fed)
     assert sampler.steps >= 1 and sampler.samples >= 1
-    budget = Budget(sites=len(specs), rounds=int(cfg.fl.rounds),
-                    local_steps=int(cfg.fl.local_steps),
-                    finetune_steps=int(cfg.compare.finetune_steps),
-                    batch=int(cfg.train.batch_size))  # every learned method can get it
+    budget = Budget.from_config(cfg)  # every learned method can get it
     assert budget.federated_rounds * budget.local_steps == budget.per_site
+    assert budget.megapixels > 0 and budget.sites == len(specs)
     state = build_state({**fed, "train": {**fed["train"], "device": "cpu"}})
     assert state.kind == fed["model"]["kind"]
     assert sum(p.numel() for p in state.model.parameters()) > 0
@@ -56,4 +54,15 @@ def test_top_level_configs_compose(name):
 
 def test_a_budget_that_cannot_be_shared_equally_is_refused():
     with pytest.raises(FedNdifError, match=r"multiple of fl\.local_steps"):
-        Budget(sites=3, rounds=3, local_steps=40, finetune_steps=50, batch=8)
+        Budget(pixels=(64 ** 2,) * 3, rounds=3, local_steps=40, finetune_steps=50, batch=8)
+
+
+def test_the_budget_counts_pixels_so_patches_cost_what_they_compute():
+    cfg = load_config("simulate", ["experiment=scarce"])
+    patches = Budget.from_config(cfg)
+    slices = Budget.from_config(load_config("simulate", ["experiment=scarce",
+                                                         "data.patch_size=null"]))
+    matrices = [s.scanner.matrix for s in parse_sites(cfg)]
+    assert patches.pixels == (64 ** 2,) * 3 and slices.pixels == tuple(m * m for m in matrices)
+    assert slices.megapixels / patches.megapixels == pytest.approx(
+        sum(m * m for m in matrices) / (3 * 64 ** 2))

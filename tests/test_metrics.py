@@ -17,6 +17,7 @@ from fed_ndif.evaluation.lesions import (
     summary_keys,
 )
 from fed_ndif.image_metrics import volume_metrics
+from fed_ndif.models.body import body_mask
 
 
 def test_psnr_nmse_hand_computed():
@@ -25,9 +26,28 @@ def test_psnr_nmse_hand_computed():
     output = reference + 0.1  # every voxel off by 0.1 -> MSE 0.01
     m = volume_metrics(output, reference)
     assert m["psnr"] == pytest.approx(10 * math.log10(16 / 0.01))
-    assert m["nmse"] == pytest.approx(0.01 / np.mean(reference**2))
+    assert m["psnr_field"] == pytest.approx(10 * math.log10(16 / 0.01))
+    assert m["nmse_field"] == pytest.approx(0.01 / np.mean(reference**2))
+    # Inside the body (the block, and its blurred edge where the smoothed reference is above
+    # air's level) the reference's mean square is higher than over the field.
+    body = body_mask(reference, margin_px=0)
+    assert body[reference > 0].all() and body.sum() < reference.size / 2
+    assert m["nmse"] == pytest.approx(0.01 / np.mean(reference[body] ** 2))
     assert volume_metrics(reference, reference)["ssim"] == pytest.approx(1.0)
     assert volume_metrics(reference, reference)["psnr"] == math.inf
+
+
+def test_image_metrics_are_taken_inside_the_body():
+    reference = np.zeros((8, 32, 32))
+    reference[1:7, 8:24, 8:24] = 2.0
+    body = body_mask(reference, margin_px=0)
+    in_air, in_body = reference.copy(), reference.copy()
+    in_air[~body] += 0.2
+    in_body[body] += 0.2 * math.sqrt((~body).sum() / body.sum())  # the same total error
+    air, tissue = volume_metrics(in_air, reference), volume_metrics(in_body, reference)
+    assert air["psnr_field"] == pytest.approx(tissue["psnr_field"])
+    assert air["psnr"] == math.inf and math.isfinite(tissue["psnr"])
+    assert tissue["psnr"] < tissue["psnr_field"]  # air dilutes the error over the field
 
 
 def test_psnr_and_ssim_agree_with_monai():
@@ -40,8 +60,8 @@ def test_psnr_and_ssim_agree_with_monai():
     monai_psnr = PSNRMetric(max_val=data_range)(*as_tensor).item()
     monai_ssim = SSIMMetric(spatial_dims=3, data_range=data_range, kernel_type="uniform",
                             win_size=7)(*as_tensor).item()
-    assert ours["psnr"] == pytest.approx(monai_psnr, abs=1e-6)
-    assert ours["ssim"] == pytest.approx(monai_ssim, abs=1e-3)
+    assert ours["psnr_field"] == pytest.approx(monai_psnr, abs=1e-6)
+    assert ours["ssim_field"] == pytest.approx(monai_ssim, abs=1e-3)
 
 
 SPACING = (3.0, 2.0, 2.0)
@@ -162,3 +182,22 @@ def test_metrics_csv_round_trip_keeps_missing_lesion_metrics_as_nan(tmp_path):
     assert back["psnr"] == 30.0 and back["count_level"] == 0.1
     assert math.isnan(back["abs_suvmax_bias_pct_ge10"])
     assert "| Low-count input | – | 30.00 |" in quality_table([back], ["input"])
+
+
+def test_the_lesion_background_lies_one_fwhm_outside_the_lesion():
+    from scipy import ndimage
+
+    reference, lesions = _lesion_case()
+    # The lesion's uptake blurred by a 6 mm FWHM scanner spills into its surroundings.
+    sigma = [6.0 / 2.355 / s for s in SPACING]
+    blurred = ndimage.gaussian_filter(reference, sigma)
+    distance = ndimage.distance_transform_edt(lesions == 0, sampling=SPACING)
+    for fwhm in (6.0, 9.0):
+        lesion_set = LesionSet(lesions, SPACING, blurred, fwhm_mm=(fwhm, fwhm, fwhm))
+        (shell,) = lesion_set.shells
+        assert distance.ravel()[shell].min() > fwhm and len(shell) >= 50
+        (uptake,) = lesion_set.uptake(blurred)
+        # Beyond one FWHM the spill-in is a few percent of the 2 SUV background at most.
+        assert uptake.background_mean == pytest.approx(2.0, rel=0.06)
+    ring = distance.ravel() <= 2.0
+    assert blurred.ravel()[ring & (lesions.ravel() == 0)].mean() > 2.6  # what a close ring saw

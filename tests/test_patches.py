@@ -63,12 +63,20 @@ def test_patch_batches_depend_on_seed_and_step_only_and_oversample_lesions(datas
 
 def test_bad_patch_settings_are_named(dataset):
     cfg = tiny_cfg(k=1)
-    cfg["data"].update(patch_size=4096)
+    cfg["data"].update(patch_size=4, foreground_fraction=0.5)
     with pytest.raises(FedNdifError, match="patch_size"):
         batch_sampler(dataset, cfg, seed=0)
     cfg["data"].update(patch_size=PATCH, foreground_fraction=1.5)
     with pytest.raises(FedNdifError, match="foreground_fraction"):
         batch_sampler(dataset, cfg, seed=0)
+
+
+def test_a_slice_smaller_than_the_patch_is_taken_whole(dataset):
+    cfg = tiny_cfg(k=1)
+    cfg["data"].update(patch_size=4096, foreground_fraction=0.5)
+    height, width = dataset.slice_shape
+    keys = batch_sampler(dataset, cfg, seed=0).batch(0)
+    assert all(key[1:] == (0, 0, min(height, width)) for key in keys)
 
 
 class _LocalNet(nn.Module):

@@ -57,7 +57,8 @@ def test_seeds_give_identical_runs(train_set, kind):
 @pytest.mark.parametrize("insert_lesions", [0.0, 0.5])
 def test_checkpoint_round_trip_and_exact_resume(train_set, tmp_path, insert_lesions):
     cfg = tiny_cfg()
-    cfg["train"]["insert_lesions"] = {"probability": insert_lesions}
+    cfg["train"]["insert_lesions"] = {"probability": insert_lesions, "radius_mm": [2.5, 10.0],
+                                      "contrast": [0.5, 4.0], "fwhm_mm": 6.0}
     bundle = build_state(cfg)
     train_steps(bundle, make_train_batches(bundle, train_set), 3)
     path = tmp_path / "ckpt.pt"

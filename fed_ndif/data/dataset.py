@@ -21,6 +21,7 @@ from fed_ndif.data.manifest import Study, at_level, read_manifest
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.normalization import Normalization
 from fed_ndif.data.nstd import find_liver_voi, liver_nstd
+from fed_ndif.data.resolution import site_resolution
 from fed_ndif.data.volume import Volume
 from fed_ndif.errors import FedNdifError
 
@@ -114,8 +115,10 @@ def study_nstd(study: Study, low: Volume, full: Volume, *,
 
 
 class SliceStackDataset(Dataset):
-    """Items: ``{"low": (2k+1, H, W), "nstd": (), "full": (1, H, W), "spacing": (3,)}``, float32
-    tensors (``spacing``: voxel size in mm, z, y, x).
+    """Items: ``{"low": (2k+1, H, W), "nstd": (), "full": (1, H, W), "spacing": (3,),
+    "full_stack": (2k+1, H, W), "fwhm": (3,), "count_level": ()}``, float32 tensors
+    (``spacing``: voxel size in mm, z, y, x; ``full_stack``: the full count at ``low``'s slices;
+    ``fwhm``: the site's resolution in mm, z, y, x, zeros where its folder does not state it).
 
     One item per axial slice of every study in the chosen split(s): ``dataset[j]`` is slice
     ``j`` whole, ``dataset[(j, y0, x0, size)]`` its ``size`` x ``size`` patch at (y0, x0)
@@ -157,6 +160,11 @@ class SliceStackDataset(Dataset):
         if len(shapes) > 1:
             raise FedNdifError(f"{self.manifest}: studies have different in-plane matrices "
                                f"{sorted(shapes)}; one site's dataset needs one matrix")
+        resolution = site_resolution(self.manifest.parent)
+        if resolution is None:
+            log.info("%s: no %s beside it states the site's resolution; lesion insertion uses "
+                     "train.insert_lesions.fwhm_mm", self.manifest.name, "scanner.json")
+        self.fwhm = torch.tensor(resolution or (0.0, 0.0, 0.0), dtype=torch.float32)
         self.index = [(i, z) for i, s in enumerate(self.studies) for z in range(s.low.shape[0])]
         self._first = np.cumsum([0] + [s.low.shape[0] for s in self.studies])[:-1].tolist()
         log.info("%s: %d studies, %d slices (split %s, k=%d)", self.manifest.name,
@@ -186,4 +194,7 @@ class SliceStackDataset(Dataset):
         return {"low": torch.from_numpy(np.ascontiguousarray(s.low[(idx, *window)])),
                 "nstd": torch.tensor(s.nstd, dtype=torch.float32),
                 "full": torch.from_numpy(np.ascontiguousarray(s.full[(slice(z, z + 1), *window)])),
-                "spacing": torch.tensor(s.spacing, dtype=torch.float32)}
+                "spacing": torch.tensor(s.spacing, dtype=torch.float32),
+                "full_stack": torch.from_numpy(np.ascontiguousarray(s.full[(idx, *window)])),
+                "fwhm": self.fwhm,
+                "count_level": torch.tensor(s.study.count_level, dtype=torch.float32)}

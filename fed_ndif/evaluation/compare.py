@@ -22,6 +22,7 @@ from fed_ndif.data.dataset import split_studies
 from fed_ndif.data.manifest import Study
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.nstd import find_liver_voi, liver_nstd
+from fed_ndif.data.resolution import site_resolution
 from fed_ndif.data.volume import Volume
 from fed_ndif.errors import FedNdifError
 from fed_ndif.evaluation.filters import TunedFilter, tune_filter
@@ -56,6 +57,7 @@ class TestStudy:
     ideal: np.ndarray | None = None  # noise-free reconstruction, where the site has one
     affine: np.ndarray | None = None
     automatic_liver: bool = False
+    fwhm_mm: tuple[float, float, float] | None = None  # the site's resolution, where known
 
     @functools.cached_property
     def nstd(self) -> float:
@@ -117,6 +119,7 @@ def load_studies(manifest: Path, split: str, *, count_levels: Sequence[float] | 
         studies = [s for s in studies if s.subject in keep]
     shared: dict[Path, np.ndarray] = {}
     vois: dict[Path, np.ndarray] = {}
+    resolution = site_resolution(Path(manifest).parent)
 
     def subject_volume(path: Path) -> np.ndarray:
         """A subject's full count, masks and noise-free image serve all its count levels."""
@@ -145,7 +148,7 @@ def load_studies(manifest: Path, split: str, *, count_levels: Sequence[float] | 
                      if study.lesion_mask else None),
             spacing=low.spacing,
             ideal=subject_volume(study.ideal) if study.ideal else None,
-            affine=low.affine, automatic_liver=auto))
+            affine=low.affine, automatic_liver=auto, fwhm_mm=resolution))
     return loaded
 
 
@@ -167,7 +170,8 @@ def score_methods(site: str, studies: list[TestStudy], methods: list[Method], *,
         reference_nstd = study.liver_nstd(study.full)
         lesion_set = reference = ideal = None
         if study.lesions is not None:
-            lesion_set = LesionSet(study.lesions, study.spacing, study.full)
+            lesion_set = LesionSet(study.lesions, study.spacing, study.full,
+                                   fwhm_mm=study.fwhm_mm)
             reference = lesion_set.uptake(study.full)
             ideal = lesion_set.uptake(study.ideal) if study.ideal is not None else None
         for method in methods:
@@ -185,14 +189,15 @@ def score_methods(site: str, studies: list[TestStudy], methods: list[Method], *,
             rows.append(row)
             if keep_outputs is not None and keep_outputs(study):
                 outputs[(study.study.subject, study.study.count_level, method.name)] = out
-            log.info("%s %s %g%% %s: PSNR %.2f dB", site, study.study.subject,
+            log.info("%s %s %g%% %s: body PSNR %.2f dB", site, study.study.subject,
                      100 * study.study.count_level, method.name, row["psnr"])
     return rows, outputs
 
 
 TEXT_FIELDS = ("site", "subject", "method", "label")
 FIELDS = ("site", "subject", "count_level", "method", "label", "psnr", "ssim", "nmse",
-          "liver_nstd", "full_count_liver_nstd", *summary_keys())
+          "psnr_field", "ssim_field", "nmse_field", "liver_nstd", "full_count_liver_nstd",
+          *summary_keys())
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:

@@ -21,7 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, signal
 
-BACKGROUND_SHELL_VOXELS = 3  # in-plane dilation of a lesion that defines its local background
+# A lesion's local background: a shell from one FWHM of the site's resolution outside the
+# lesion (closer, the lesion's own blurred uptake spills in) to this much further out.
+SHELL_WIDTH_MM = 10.0
+# The resolution assumed where a site's folder does not state its own (fed_ndif.data.resolution):
+# a clinical whole-body PET reconstruction's, on the coarse side.
+FALLBACK_FWHM_MM = 8.0
 MIN_SHELL_VOXELS = 4
 # Contrast recovery is a ratio of contrasts: for lesions barely visible in the full-count image
 # (lesion/background < 1.5) it divides by ~0 and means nothing, so it is left out for them.
@@ -72,27 +77,39 @@ class LesionSet:
     """The lesions of one study, with their sizes and local backgrounds, found once and then
     measured in any number of images on the same grid.
 
-    A lesion's background is a ring of 3 voxels around it in-plane (other lesions and air
-    excluded), the usual local-background definition for small PET lesions; a lesion with too
-    small a ring (at the edge of the body) is left out.
+    A lesion's background is a 3D shell from one FWHM (``fwhm_mm``, the largest of z, y, x)
+    to one FWHM + ``SHELL_WIDTH_MM`` (at least two voxels) outside it, in world millimetres,
+    without air and without what lies within one FWHM of any lesion: outside the PSF tail of
+    the lesion's own uptake. A lesion with too small a shell (at the edge of the body) is left
+    out.
     """
 
-    def __init__(self, lesions: np.ndarray, spacing: Sequence[float], reference: np.ndarray):
+    def __init__(self, lesions: np.ndarray, spacing: Sequence[float], reference: np.ndarray, *,
+                 fwhm_mm: Sequence[float] | None = None):
         self.spacing = tuple(float(s) for s in spacing)
         self.kernel = peak_kernel(self.spacing)
         positive = reference[reference > 0]
         body = (reference > 0.05 * float(np.median(positive)) if positive.size
                 else np.ones(reference.shape, bool))
-        structure = np.zeros((3, 3, 3), bool)
-        structure[1] = ndimage.generate_binary_structure(2, 2)
+        gap = max(fwhm_mm) if fwhm_mm is not None else FALLBACK_FWHM_MM
+        outer = gap + max(SHELL_WIDTH_MM, 2.0 * max(self.spacing))
+        clear = ndimage.distance_transform_edt(lesions == 0, sampling=self.spacing) > gap
+        margin = [int(np.ceil(outer / s)) + 1 for s in self.spacing]
         self.labels: list[int] = []
         self.masks: list[np.ndarray] = []
         self.shells: list[np.ndarray] = []
         self.diameters: list[float] = []
-        for label in np.unique(lesions[lesions > 0]):
-            mask = lesions == label
-            near = ndimage.binary_dilation(mask, structure, iterations=BACKGROUND_SHELL_VOXELS)
-            shell = near & (lesions == 0) & body
+        for label, box in zip(range(1, int(lesions.max(initial=0)) + 1),
+                              ndimage.find_objects(lesions.astype(np.int64)), strict=False):
+            if box is None:
+                continue
+            box = tuple(slice(max(b.start - m, 0), b.stop + m)
+                        for b, m in zip(box, margin, strict=True))
+            mask = np.zeros(lesions.shape, bool)
+            mask[box] = lesions[box] == label
+            distance = ndimage.distance_transform_edt(~mask[box], sampling=self.spacing)
+            shell = np.zeros(lesions.shape, bool)
+            shell[box] = (distance <= outer) & clear[box] & body[box]
             if shell.sum() < MIN_SHELL_VOXELS:
                 continue
             self.labels.append(int(label))
@@ -124,7 +141,8 @@ def _contrast(uptake: Uptake) -> float:
 def lesion_metrics(lesion_set: LesionSet, output: list[Uptake], reference: list[Uptake],
                    ideal: list[Uptake] | None = None) -> list[dict[str, float]]:
     """Per lesion: uptake bias (%) against full count and the noise-free image, contrast
-    recovery (output contrast / full-count contrast) and CNR (in the output)."""
+    recovery (output contrast / the noise-free image's where there is one, else the full
+    count's: a noisy reference's contrast carries its noise) and CNR (in the output)."""
     results = []
     for i, (out, ref) in enumerate(zip(output, reference, strict=True)):
         row = {"diameter_mm": lesion_set.diameters[i]}
@@ -132,7 +150,7 @@ def lesion_metrics(lesion_set: LesionSet, output: list[Uptake], reference: list[
             row[f"{key}_bias_pct"] = _bias_pct(getattr(out, key), getattr(ref, key))
             row[f"{key}_ideal_bias_pct"] = (_bias_pct(getattr(out, key), getattr(ideal[i], key))
                                             if ideal is not None else math.nan)
-        ref_contrast = _contrast(ref)
+        ref_contrast = _contrast(ideal[i] if ideal is not None else ref)
         row["contrast_recovery"] = (_contrast(out) / ref_contrast
                                     if ref_contrast >= MIN_REFERENCE_CONTRAST else math.nan)
         row["cnr"] = ((out.suvmean - out.background_mean) / out.background_sd
@@ -176,10 +194,10 @@ def summarize_lesions(results: list[dict[str, float]]) -> dict[str, float]:
 
 
 def lesion_summary(output: np.ndarray, reference: np.ndarray, lesions: np.ndarray,
-                   spacing: Sequence[float], *, ideal: np.ndarray | None = None
-                   ) -> dict[str, float]:
+                   spacing: Sequence[float], *, ideal: np.ndarray | None = None,
+                   fwhm_mm: Sequence[float] | None = None) -> dict[str, float]:
     """:func:`summarize_lesions` of one output in one step (measuring each image once)."""
-    lesion_set = LesionSet(lesions, spacing, reference)
+    lesion_set = LesionSet(lesions, spacing, reference, fwhm_mm=fwhm_mm)
     return summarize_lesions(lesion_metrics(
         lesion_set, lesion_set.uptake(output), lesion_set.uptake(reference),
         lesion_set.uptake(ideal) if ideal is not None else None))

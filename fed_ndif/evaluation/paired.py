@@ -19,8 +19,8 @@ from fed_ndif.evaluation.statistics import CONFIDENCE, PairedDifference, paired_
 
 # (key, header, format, higher is better).
 PAIRED_METRICS = (
-    ("psnr", "PSNR dB", "{:+.2f}", True), ("ssim", "SSIM", "{:+.4f}", True),
-    ("nmse", "NMSE", "{:+.4f}", False),
+    ("psnr", "body PSNR dB", "{:+.2f}", True), ("ssim", "body SSIM", "{:+.4f}", True),
+    ("nmse", "body NMSE", "{:+.4f}", False),
     ("abs_suvpeak_ideal_bias_pct_ge10", "abs SUVpeak bias vs noise-free, ≥ 10 mm, pp", "{:+.1f}",
      False),
     ("abs_suvmax_bias_pct_ge10", "abs SUVmax bias vs full, ≥ 10 mm, pp", "{:+.1f}", False),

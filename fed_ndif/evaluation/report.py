@@ -28,9 +28,13 @@ from fed_ndif.evaluation.paired import (
 from fed_ndif.evaluation.statistics import CONFIDENCE, RESAMPLES
 
 # (key, column header, format); "budget" is a text column filled from the experiment.
+# Body values first (fed_ndif.image_metrics: the air of the field of view rewards every
+# method alike); the whole-field values after them.
 QUALITY_METRICS = (
-    ("psnr", "PSNR dB", "{:.2f}"), ("ssim", "SSIM", "{:.3f}"), ("nmse", "NMSE", "{:.4f}"),
-    ("liver_nstd", "liver NSTD", "{:.3f}"),
+    ("psnr", "body PSNR dB", "{:.2f}"), ("ssim", "body SSIM", "{:.3f}"),
+    ("nmse", "body NMSE", "{:.4f}"), ("liver_nstd", "liver NSTD", "{:.3f}"),
+    ("psnr_field", "field PSNR dB", "{:.2f}"), ("ssim_field", "field SSIM", "{:.3f}"),
+    ("nmse_field", "field NMSE", "{:.4f}"),
 )
 LESION_METRICS = (
     ("suvmax_bias_pct", "SUVmax vs full %", "{:+.1f}"),

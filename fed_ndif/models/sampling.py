@@ -42,7 +42,7 @@ class SamplerConfig:
     """How to sample (defaults: see configs/diffusion/default.yaml for the reasons)."""
 
     name: str = "dpmpp_2m"
-    steps: int = 5
+    steps: int = 3
     spacing: str = "quadratic"
     eta: float = 0.0
     warm_start: str = "none"

@@ -59,9 +59,10 @@ class PatchBatchSampler(StepBatchSampler):
                  foreground_fraction: float, start_step: int = 0) -> None:
         super().__init__(len(dataset), batch_size=batch_size, seed=seed, start_step=start_step)
         height, width = dataset.slice_shape
-        if not 8 <= patch <= min(height, width):
-            raise FedNdifError(f"data.patch_size {patch} must be between 8 and the slice size "
-                               f"{height}x{width}")
+        if patch < 8:
+            raise FedNdifError(f"data.patch_size {patch} must be at least 8 pixels")
+        # A slice smaller than the patch is taken whole (inference's windows do the same).
+        patch = min(patch, height, width)
         if not 0.0 <= foreground_fraction <= 1.0:
             raise FedNdifError(f"data.foreground_fraction must be in [0, 1], got "
                                f"{foreground_fraction}")
@@ -96,6 +97,5 @@ def batch_sampler(dataset: SliceStackDataset, cfg: dict[str, Any], *, seed: int,
         return StepBatchSampler(len(dataset), batch_size=batch_size, seed=seed,
                                 start_step=start_step)
     return PatchBatchSampler(dataset, batch_size=batch_size, seed=seed, patch=int(patch),
-                             foreground_fraction=float(cfg["data"].get("foreground_fraction",
-                                                                       0.0)),
+                             foreground_fraction=float(cfg["data"]["foreground_fraction"]),
                              start_step=start_step)

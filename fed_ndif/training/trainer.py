@@ -82,14 +82,16 @@ def train_step(state: TrainingState, batch: dict[str, torch.Tensor]) -> float:
     generator = _step_generator(state)
     low, full = batch["low"], batch["full"]
     insertion = LesionInsertion.from_config(train)
-    if insertion.probability > 0:
+    if insertion is not None and insertion.probability > 0:
         body_level = float(state.normalization.forward(np.float32(BODY_SUV)))
-        low, full = insert_lesions(low, full, batch["spacing"], settings=insertion,
+        low, full = insert_lesions(low, full, full_stack=batch["full_stack"],
+                                   spacing=batch["spacing"], fwhm=batch["fwhm"],
+                                   count_level=batch["count_level"], settings=insertion,
                                    body_level=body_level,
                                    generator=_insertion_generator(state))
     low, full = low.to(state.device), full.to(state.device)
     nstd = batch["nstd"].to(state.device)
-    if train.get("augment_flip", False):
+    if train["augment_flip"]:
         flip = (torch.rand(low.shape[0], generator=generator) < 0.5).to(state.device)
         low = torch.where(flip[:, None, None, None], low.flip(-1), low)
         full = torch.where(flip[:, None, None, None], full.flip(-1), full)
@@ -267,8 +269,8 @@ def train_sites(cfg: dict[str, Any], manifests: list[Path], out_dir: Path, *,
     batches = _interleaved(state, train_sets)
     total = int(train["steps"])
     chunk = max(1, int(train.get("log_every", 50)))
-    val_every = int(train.get("val_every", 0)) or total
-    ckpt_every = int(train.get("checkpoint_every", 0)) or total
+    val_every = int(train["val_every"]) or total
+    ckpt_every = int(train["checkpoint_every"]) or total
     summary: dict[str, float] = {}
     log.info("training on %s (%s, k=%d) from step %d to %d",
              ", ".join(m.parent.name for m in manifests), state.kind, k, state.step, total)
