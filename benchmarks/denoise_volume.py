@@ -42,9 +42,13 @@ def _parse_size(text: str) -> tuple[int, int, int]:
 
 
 def make_checkpoint(work: Path, patch_size: int | None = None) -> Path:
+    """``patch_size``: None, the shipped default (configs/data); 0, whole slices."""
+    from fed_ndif.config import load_config
     from fed_ndif.data.sites import make_sites
     from fed_ndif.training.trainer import train_local
 
+    if patch_size is None:
+        patch_size = int(load_config("train_local").data.patch_size or 0)
     ckpt = work / (f"train_patch{patch_size}" if patch_size else "train") / "last.pt"
     if ckpt.is_file():
         return ckpt
@@ -55,7 +59,7 @@ def make_checkpoint(work: Path, patch_size: int | None = None) -> Path:
         "sites.site_c.subjects=1", *matrix], overwrite=True)
     train_local(manifests[0], ckpt.parent, overrides=[
         "model=small", "train.steps=2", "train.batch_size=2", "train.val_every=0",
-        "train.device=cpu", *([f"data.patch_size={patch_size}"] if patch_size else [])])
+        "train.device=cpu", f"data.patch_size={patch_size or 'null'}"])
     return ckpt
 
 
@@ -147,8 +151,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--use-checkpoint", help="time this checkpoint (e.g. a patch-trained "
                         "one, which denoises in windows) instead of the made one")
-    parser.add_argument("--patch-size", type=int, help="make the timing checkpoint a "
-                        "patch-trained one (inference in windows of this size over the body)")
+    parser.add_argument("--patch-size", type=int, help="the made timing checkpoint's patch "
+                        "size (inference in windows of this size over the body); 0: whole "
+                        "slices; default: the shipped default (configs/data)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--nstd-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--input", help=argparse.SUPPRESS)
