@@ -243,19 +243,24 @@ def write_report(run: Path, rows: list[dict], method_order: list[str], *,
         f"# {title}\n",
         f"Sites: {', '.join(sites)}. Every number below is computed from `metrics.csv` of this "
         f"run (one row per test study and method);{config}\n",
-        "Image metrics are over the entire 3D volume against the full-count image, in SUV. PSNR "
-        "data range: the full-count volume's maximum SUV (per study). SSIM: 3D, 7-voxel window "
-        "(scikit-image), same data range. Liver NSTD: std/mean in the liver mask (texture: far "
+        "Image metrics are against the full-count image, in SUV, inside the body (each slice's "
+        "patient in the full count, lungs included; most of the field of view is air, where "
+        "every method is nearly exact): body PSNR, SSIM and NMSE; the whole-field values follow "
+        "as secondary columns. PSNR data range: the full-count volume's maximum SUV (per "
+        "study). SSIM: 3D, 7-voxel window (scikit-image), same data range, averaged over the "
+        "body. Liver NSTD: std/mean in the liver mask (texture: far "
         "below the full-count value means over-smoothed).\n",
         "Lesion uptake bias (%) is against the full-count image and, on simulated sites, against "
         "the **noise-free** reconstruction of the same scan (its expected counts through the "
         "same OSEM and post-filter): maxima of the noisy full count carry noise, so a perfect "
         "denoiser scores about 0 % against the noise-free image, not against full count. "
         "SUVpeak (PERCIST): the highest mean in a 1 cm³ sphere centred in the lesion, in world "
-        "mm. Lesions are grouped by equivalent-sphere diameter (< 10 mm and ≥ 10 mm). Contrast "
-        "recovery = output lesion contrast / full-count lesion contrast (lesions with a "
-        "full-count lesion/background ratio of at least 1.5); CNR = (lesion mean - background "
-        "mean) / background SD in a 3-voxel ring.\n",
+        "mm. Lesions are grouped by equivalent-sphere diameter (< 10 mm and ≥ 10 mm). A lesion's "
+        "background is a 3D shell from one FWHM of the site's resolution outside it (beyond "
+        "the tail of its own blurred uptake) to 10 mm further. Contrast recovery = output "
+        "lesion contrast / the noise-free image's lesion contrast (the full count's where "
+        "there is no noise-free image; lesions with a lesion/background ratio of at least "
+        "1.5); CNR = (lesion mean - background mean) / background SD in that shell.\n",
         "Paired differences: each method minus the reference named in the section, per test "
         "subject (mean over its count levels), averaged over subjects, "
         f"with a {100 * CONFIDENCE:g} % CI from {RESAMPLES} "
