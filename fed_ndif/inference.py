@@ -38,6 +38,7 @@ from fed_ndif.data.dicom import (
     read_pet_series,
     write_pet_series,
 )
+from fed_ndif.data.dicom.derived import derived_reason
 from fed_ndif.data.nifti import load_nifti, save_nifti
 from fed_ndif.data.nstd import measure_liver_nstd
 from fed_ndif.data.volume import Volume
@@ -368,6 +369,10 @@ def denoise_study(
             volume, info = read_pet_series(input_path, series_uid=series_uid,
                                            patient_weight_kg=weight_kg, injected_dose_bq=dose_bq)
             number = str(info.template.get("SeriesNumber", "") or "?")
+            derived = derived_reason(info.template)
+            if derived is not None:
+                raise FedNdifError(f"{input_path}: PET series {number} is {derived}; fed-ndif "
+                                   "denoises acquisitions only")
             description = info.series_description.strip() or "no description"
             what = f'PET series {number} "{description}"'
         else:

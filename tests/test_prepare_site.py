@@ -23,12 +23,14 @@ import fed_ndif.data.prepare.site as site_module
 from fed_ndif.cli import main
 from fed_ndif.client.app import app as client_app
 from fed_ndif.config import load_config
+from fed_ndif.data.dicom import read_pet_series, write_pet_series
 from fed_ndif.data.manifest import read_manifest
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.sites import make_sites
+from fed_ndif.data.volume import Volume
 from fed_ndif.run_config import to_run_config
 from fed_ndif.server.app import app as server_app
-from tests.helpers.exports import FULL_FRAME_MS, build_export, copy_series
+from tests.helpers.exports import FULL_FRAME_MS, build_export, copy_series, plant_identity
 from tests.helpers.inprocess_grid import InProcessGrid
 
 # Four subjects, long enough (48 x 8 mm) for the automatic liver VOI.
@@ -359,3 +361,52 @@ def test_a_series_that_cannot_become_suv_is_skipped_with_its_reason(simulated, t
     assert [n.reason for n in notes[1:]] == ["its full-count series 1 (48 images) cannot be "
                                              "read"] * 2
     assert f"{study} series 1 (48 images): cannot be read: PatientWeight" in caplog.text
+
+
+def _derived_extra(subject: Path, index: int, export) -> None:
+    """Beside the originals: fed-ndif's output made from the first subject's full count (its
+    frame duration is the full count's, so it would make the full count ambiguous), and another
+    vendor's processed copy of the second subject's 10 % series (ImageType left ORIGINAL, its
+    frame duration the 10 % one's, so it would pair as one more low-count scan)."""
+    if index == 0:
+        volume, info = read_pet_series(subject / "dicom" / "full_count")
+        out = write_pet_series(Volume(volume.array * 0.9, volume.affine),
+                               export.root.parent / "derived", template=info,
+                               series_description="fed-ndif denoised",
+                               derivation_description="denoised by fed-ndif")
+        for k, path in enumerate(sorted(out.iterdir())):
+            ds = pydicom.dcmread(path)
+            export.phi |= plant_identity(ds, index)
+            ds.save_as(export.root / f"DRV{k:04d}", enforce_file_format=True)
+    elif index == 1:
+        def vendor(ds):
+            item = pydicom.Dataset()
+            code = pydicom.Dataset()
+            code.CodeValue, code.CodingSchemeDesignator = "109102", "DCM"
+            code.CodeMeaning = "Processing Equipment"
+            item.PurposeOfReferenceCodeSequence = pydicom.Sequence([code])
+            item.Manufacturer = "OtherVendor DL denoiser"
+            ds.ContributingEquipmentSequence = pydicom.Sequence([item])
+            ds.ActualFrameDuration = round(FULL_FRAME_MS * 0.1)
+
+        copy_series(subject, "low_count_10pct", export.root, index, export, edit=vendor,
+                    number=9)
+
+
+def test_derived_series_beside_the_originals_change_nothing(simulated, tmp_path):
+    plain = build_export(simulated, tmp_path / "plain")
+    mixed = build_export(simulated, tmp_path / "mixed" / "export", extra=_derived_extra)
+    # The same studies and identities: the two exports differ only by the derived series.
+    assert main(["prepare-site", str(plain.root), str(tmp_path / "a")]) == 0
+    assert main(["prepare-site", str(mixed.root), str(tmp_path / "b")]) == 0
+    rows_a = (tmp_path / "a" / "manifest.csv").read_text()
+    rows_b = (tmp_path / "b" / "manifest.csv").read_text()
+    assert len(rows_a.splitlines()) == 9  # 4 studies x 2 levels, and the header
+    assert rows_b == rows_a
+    summary = json.loads((tmp_path / "b" / "prepare.json").read_text())
+    reasons = sorted(n["reason"] for n in summary["skipped"])
+    assert len(reasons) == 2, reasons
+    assert reasons[0].startswith("a post-processed series (processing equipment: OtherVendor")
+    assert reasons[1].startswith("fed-ndif's own output")
+    assert all(r.endswith("never paired") for r in reasons)
+    assert json.loads((tmp_path / "a" / "prepare.json").read_text())["skipped"] == []
