@@ -79,7 +79,8 @@ def _serve(args: argparse.Namespace) -> None:
     run_node(NodeConfig(
         checkpoint=Path(args.checkpoint), ae_title=args.ae_title, port=args.port,
         destination=args.destination, spool=Path(args.spool), host=args.host,
-        settle_s=args.settle_seconds, allow=args.allow,
+        settle_s=args.settle_seconds, allow_any=args.allow_any,
+        allow=[title for value in args.allow for title in value.split(",") if title.strip()],
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
         tls_ca=Path(args.tls_ca) if args.tls_ca else None,
@@ -262,8 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(callers must address it)")
     p.add_argument("--port", type=int, required=True, help="port to listen on (DICOM: 104 or "
                    "11112)")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0, "
-                   "every interface)")
+    p.add_argument("--host", default="127.0.0.1", help="address of the interface to listen "
+                   "on (default: 127.0.0.1, this machine only; the hospital network's address, "
+                   "or 0.0.0.0 for every interface, must be given by name)")
     p.add_argument("--destination", required=True, metavar="AET@HOST:PORT", help="where "
                    "derived series are sent (the PACS)")
     p.add_argument("--spool", required=True, metavar="DIR", help="the node's queue on disk "
@@ -271,7 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settle-seconds", type=float, default=10.0, metavar="S", help="a series "
                    "is complete when no instance of it arrived for S seconds (default: 10)")
     p.add_argument("--allow", nargs="+", default=[], metavar="CALLING_AET", help="accept "
-                   "associations only from these calling AE titles (default: any)")
+                   "associations only from these calling AE titles (the scanner's, the PACS's; "
+                   "space- or comma-separated); "
+                   "the node refuses to start without --allow or --allow-any")
+    p.add_argument("--allow-any", action="store_true", help="accept any calling AE title "
+                   "(the start line warns about it); prefer --allow")
     p.add_argument("--tls-cert", metavar="PEM", help="this node's certificate: DICOM over TLS")
     p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     p.add_argument("--tls-ca", metavar="PEM", help="CA that callers' certificates must be "

@@ -96,6 +96,14 @@ def test_echo_and_calling_ae_allow_list(assets, run):
     assert "stopped" in run.log()
 
 
+def test_allow_any_is_accepted_only_by_name_and_warned_about(assets, run):
+    run.node(assets, extra=["--allow-any"])
+    assert echoscu(run.node_port, calling="ANYONE").returncode == 0
+    start = next(line for line in run.log().splitlines() if "listening as NODE" in line)
+    assert " WARNING " in start and "ANY calling AE title (--allow-any" in start
+    assert "on 127.0.0.1:" in start
+
+
 def test_study_in_derived_series_out_once(assets, run):
     """PET + CT of one study in; one derived PET series, conformant, in the study, out; sending
     the same series again gives the same series (same UIDs), and the spool ends empty."""
@@ -132,6 +140,16 @@ def test_study_in_derived_series_out_once(assets, run):
     assert again.returncode == 0
     wait_until(lambda: run.log().count("delivered:") >= 2, 120, "the second delivery",
                run.node_log)
+    assert {k: len(v) for k, v in received_series(run.pacs_dir).items()} == {derived_uid: nz}
+    # Our own output routed back to the node (a PACS rule, a re-sent study): never denoised
+    # again, said once, nothing new delivered.
+    returned = storescu(run.pacs_dir, run.node_port)
+    assert returned.returncode == 0, returned.stdout + returned.stderr
+    wait_until(lambda: "fed-ndif's own output" in run.log() and _spool_empty(run.spool), 60,
+               "our own series dropped", run.node_log)
+    log = run.log()
+    assert log.count("fed-ndif's own output") == 1 and log.count("delivered:") == 2
+    assert log.count("ready:") == 2  # the returned series was never taken for denoising
     assert {k: len(v) for k, v in received_series(run.pacs_dir).items()} == {derived_uid: nz}
     run.check_log_clean()
 
@@ -229,7 +247,8 @@ def test_a_port_in_use_is_one_line_and_exit_2(assets, tmp_path, capsys):
         port = busy.getsockname()[1]
         code = main(["serve", "--checkpoint", str(assets["ckpt"]), "--ae-title", "NODE",
                      "--host", "127.0.0.1", "--port", str(port), "--destination",
-                     "PACS@127.0.0.1:104", "--spool", str(tmp_path / "spool"), "--device", "cpu"])
+                     "PACS@127.0.0.1:104", "--spool", str(tmp_path / "spool"), "--device", "cpu",
+                     "--allow", "STORESCU"])
     errors = [line for line in capsys.readouterr().err.splitlines()
               if line.startswith("fed-ndif serve:")]
     assert code == 2 and len(errors) == 1 and f"--port {port}" in errors[0], errors

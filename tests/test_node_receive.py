@@ -40,7 +40,7 @@ multiprocess = pytest.mark.multiprocess
 def node(tmp_path):
     spool = Spool(tmp_path / "spool")
     spool.prepare()
-    receiver = Receiver(spool, ae_title="NODE")
+    receiver = Receiver(spool, ae_title="NODE", allow=["TESTSCU"])
     port = free_port()
     receiver.start("127.0.0.1", port)
     yield spool, port
@@ -202,7 +202,8 @@ def test_dicom_over_tls_with_client_certificates(tmp_path, series):
     server_tls, _ = tls_contexts(config)
     spool = Spool(tmp_path / "spool")
     spool.prepare()
-    receiver = Receiver(spool, ae_title="NODE", ssl_context=server_tls)
+    receiver = Receiver(spool, ae_title="NODE", allow=["TESTSCU", "ECHOSCU"],
+                        ssl_context=server_tls)
     port = free_port()
     receiver.start("127.0.0.1", port)
     try:
@@ -249,13 +250,14 @@ def test_destination_is_parsed():
     (["--tls-cert", "{tmp}/missing.crt", "--tls-key", "{tmp}/k"], "no such file"),
     (["--tls-ca", "{tmp}/ca.crt"], "--tls-ca"),
     (["--port", "70000"], "a port is 1 to 65535"),
+    (["--allow-any"], "--allow and --allow-any exclude each other"),
     ([], "checkpoint"),
 ])
 def test_bad_settings_are_one_line_and_exit_2(extra, message, tmp_path, capsys):
     (tmp_path / "ca.crt").write_text("x")
     argv = ["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--ae-title", "NODE",
             "--port", "11112", "--destination", "PACS@127.0.0.1:104", "--spool",
-            str(tmp_path / "spool")]
+            str(tmp_path / "spool"), "--allow", "SCANNER"]
     for option in [e.replace("{tmp}", str(tmp_path)) for e in extra]:
         argv.append(option)
     # Later options win in argparse: the case's value replaces the default one.
@@ -264,6 +266,26 @@ def test_bad_settings_are_one_line_and_exit_2(extra, message, tmp_path, capsys):
     assert len(errors) == 1 and errors[0].startswith("fed-ndif serve: error:"), errors
     assert message in errors[0], errors[0]
     assert not (tmp_path / "spool").exists()
+
+
+@pytest.mark.parametrize("allow", [[], ["--allow", ","]])
+def test_a_node_without_an_allow_list_refuses_to_start(allow, tmp_path, capsys):
+    """Closed by default: neither --allow nor --allow-any is one line and exit 2, before the
+    checkpoint is read or the spool made."""
+    argv = ["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--ae-title", "NODE",
+            "--port", "11112", "--destination", "PACS@127.0.0.1:104", "--spool",
+            str(tmp_path / "spool"), *allow]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("fed-ndif serve: error: no sender is "
+                                                     "allowed"), errors
+    assert "--allow AET" in errors[0] and "--allow-any" in errors[0]
+    assert not (tmp_path / "spool").exists()
+
+
+def test_the_receiver_itself_refuses_an_empty_allow_list(tmp_path):
+    with pytest.raises(ValueError):
+        Receiver(Spool(tmp_path), ae_title="NODE")
 
 
 def test_instances_that_arrive_during_denoising_rejoin_their_series(tmp_path):

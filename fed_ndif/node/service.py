@@ -61,11 +61,14 @@ class Node:
         except OSError as exc:
             raise FedNdifError(f"--port {self.config.port}: cannot listen on {self.config.host} "
                                f"({exc.strerror or exc})") from None
-        log.info("listening as %s on %s:%d%s; callers %s; destination %s; spool %s; settle %g s;"
-                 " model on %s, %s", self.config.ae_title, self.config.host, self.config.port,
-                 " (TLS)" if self.receiver.ssl_context else "",
-                 " ".join(self.config.allow) or "any", self.destination, self.config.spool,
-                 self.config.settle_s, self.model.device, self.model.engine)
+        callers = (" ".join(self.config.allow) if self.config.allow else
+                   "ANY calling AE title (--allow-any: whoever reaches this address can send "
+                   "patient data; name the senders with --allow)")
+        log.log(logging.WARNING if self.config.allow_any else logging.INFO,
+                "listening as %s on %s:%d%s; callers %s; destination %s; spool %s; settle %g s;"
+                " model on %s, %s", self.config.ae_title, self.config.host, self.config.port,
+                " (TLS)" if self.receiver.ssl_context else "", callers, self.destination,
+                self.config.spool, self.config.settle_s, self.model.device, self.model.engine)
         try:
             while not self.stopping.is_set():
                 try:
@@ -95,6 +98,12 @@ class Node:
             return True
         for meta, study_settled in self.spool.settled(self.config.settle_s):
             if meta.sop_class == PET_IMAGE_STORAGE and meta.modality.upper() == "PT":
+                if meta.derived:  # our own output sent back, or another program's
+                    count = len(self.spool.instances(INCOMING, meta.key))
+                    self.spool.drop(meta.key)
+                    log.info("dropped: %s (PET, %d instances): %s; only acquisitions are "
+                             "denoised", meta.name, count, meta.derived)
+                    return True
                 if not self.spool.instances(INCOMING, meta.key):
                     self.spool.drop(meta.key)
                     continue
@@ -187,7 +196,7 @@ def build_node(config: NodeConfig) -> Node:
         log.info("resuming: %d series settling, %d to denoise, %d to deliver",
                  pending[INCOMING], pending[WORK], pending[OUTBOX])
     receiver = Receiver(spool, ae_title=config.ae_title, allow=config.allow,
-                        ssl_context=server_tls)
+                        allow_any=config.allow_any, ssl_context=server_tls)
     return Node(config=config, model=model, destination=destination, spool=spool,
                 receiver=receiver)
 

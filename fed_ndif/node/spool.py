@@ -55,6 +55,7 @@ class SeriesMeta:
     sop_class: str
     modality: str
     number: str  # SeriesNumber, "?" when absent
+    derived: str = ""  # why it is not an acquisition (never denoised), or ""
 
     @property
     def name(self) -> str:
@@ -111,12 +112,12 @@ class Spool:
     # -- receiving ---------------------------------------------------------------------------
 
     def store(self, data: bytes, *, series_uid: str, sop_uid: str, study_uid: str,
-              sop_class: str, modality: str, number: str) -> SeriesMeta:
+              sop_class: str, modality: str, number: str, derived: str = "") -> SeriesMeta:
         """Write one received instance durably into ``incoming/``; raises OSError (disk full,
         permissions), and then nothing of it stays. Returns the series' metadata."""
         key = uid_key(series_uid)
         meta = SeriesMeta(key=key, study=uid_key(study_uid), sop_class=sop_class,
-                          modality=modality, number=number)
+                          modality=modality, number=number, derived=derived)
         # One lock for writing and for taking a series to work: a series folder is never
         # renamed while an instance is being written into it.
         with self._lock:

@@ -83,6 +83,8 @@ def start_node(*, checkpoint: Path, spool: Path, port: int, destination_port: in
                "--settle-seconds", str(settle_s), "--device", "cpu",
                "--threads", str(threads),
                *(["--steps", str(steps)] if steps else []), *(extra or [])]
+    if not {"--allow", "--allow-any"} & set(extra or []):
+        command += ["--allow", "STORESCU", "ECHOSCU"]  # dcmtk's default calling AE titles
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     node = _start(command, log, env)
     wait_until(lambda: "listening as NODE" in node.text() or node.process.poll() is not None,
