@@ -42,7 +42,7 @@ def _prepare_site(args: argparse.Namespace) -> None:
     from fed_ndif.data.prepare import prepare_site
 
     prepare_site(Path(args.export), Path(args.site_dir), pairs_file=args.pairs, val=args.val,
-                 test=args.test, seed=args.seed, keep_key=args.keep_key,
+                 test=args.test, seed=args.seed, keep_key=args.keep_key, salt=args.salt,
                  overwrite=args.overwrite)
 
 
@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the split draw (default 0)")
     p.add_argument("--keep-key", metavar="FILE", help="also write a CSV mapping pseudonyms to "
                    "StudyInstanceUIDs (identifying: keep it outside the site folder, safe)")
+    p.add_argument("--salt", metavar="FILE", help="the site's secret salt for the subject "
+                   "order (made on the first run, reused after; default: beside --keep-key, "
+                   "KEY.salt); one of --salt and --keep-key is needed; never in the site folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing SITE_DIR")
     p.set_defaults(func=_prepare_site, resumable=True)
 

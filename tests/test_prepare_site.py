@@ -49,6 +49,12 @@ def simulated(tmp_path_factory) -> Path:
     return root / "site_a"
 
 
+@pytest.fixture(scope="module")
+def salt(tmp_path_factory) -> Path:
+    """The site's secret salt file, outside every site folder (made by the first run)."""
+    return tmp_path_factory.mktemp("secret") / "site.salt"
+
+
 def _quantization_bound(array: np.ndarray) -> np.ndarray:
     peak = np.abs(array).reshape(array.shape[0], -1).max(axis=1)
     return (peak / 32767 * 0.5 + 1e-5 * peak + 1e-6)[:, None, None]
@@ -145,14 +151,15 @@ def test_prepares_a_realistic_export_without_phi(simulated, tmp_path, capsys, ca
     assert set(names.values()) == set(export.study_of.values())
 
 
-def test_a_pairs_file_resolves_what_headers_cannot(simulated, tmp_path):
+def test_a_pairs_file_resolves_what_headers_cannot(simulated, salt, tmp_path):
     export = build_export(simulated, tmp_path / "export", extra=_ambiguous_extra)
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("low_count_series_uid,full_count_series_uid,count_level\n"
                      f"{export.series[('sub-004', 'reduced_dose')]},"
                      f"{export.series[('sub-004', 'full_count')]},0.25\n")
     site = tmp_path / "site"
-    assert main(["prepare-site", str(export.root), str(site), "--pairs", str(pairs)]) == 0
+    assert main(["prepare-site", str(export.root), str(site), "--pairs", str(pairs),
+                 "--salt", str(salt)]) == 0
     rows = [s for s in read_manifest(site / "manifest.csv")]
     assert len(rows) == 9  # the last study now: 10 % and 25 % by duration, 25 % from the file
     names = sorted(s.low_count.name for s in rows if s.count_level == 0.25)
@@ -167,13 +174,14 @@ def _digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_interrupted_run_resumes_and_reruns_give_the_same_folder(simulated, tmp_path,
+def test_interrupted_run_resumes_and_reruns_give_the_same_folder(simulated, salt, tmp_path,
                                                                  monkeypatch):
     export = build_export(simulated, tmp_path / "export")
     clean = tmp_path / "clean"
-    site_module.prepare_site(export.root, clean, progress=False)
+    site_module.prepare_site(export.root, clean, progress=False, salt=salt)
     reference = _digest(clean)
-    assert site_module.prepare_site(export.root, clean, overwrite=True, progress=False)
+    assert site_module.prepare_site(export.root, clean, overwrite=True, progress=False,
+                                    salt=salt)
     assert _digest(clean) == reference
 
     site = tmp_path / "site"
@@ -187,12 +195,12 @@ def test_interrupted_run_resumes_and_reruns_give_the_same_folder(simulated, tmp_
 
     monkeypatch.setattr(site_module, "_write_study", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        site_module.prepare_site(export.root, site, progress=False)
+        site_module.prepare_site(export.root, site, progress=False, salt=salt)
     assert not site.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".site.partial", "clean", "export"]
     calls.clear()
     monkeypatch.setattr(site_module, "_write_study", lambda *a: (calls.append(a[0]), real(*a))[1])
-    site_module.prepare_site(export.root, site, progress=False)
+    site_module.prepare_site(export.root, site, progress=False, salt=salt)
     assert len(calls) == 2  # the two studies written before the interruption were kept
     assert _digest(site) == reference
     assert not (tmp_path / ".site.partial").exists()
@@ -206,11 +214,14 @@ def test_interrupted_run_resumes_and_reruns_give_the_same_folder(simulated, tmp_
     ("bad-pairs", "count_level must be a fraction"),
     ("unknown-pairs", r"pairs.csv:2: the low-count series is not a PET series of the export"),
     ("no-pet", "no PET series"),
+    ("no-salt", "needs the site's secret salt: pass --keep-key FILE"),
+    ("salt-inside", "the salt must be kept outside the site folder"),
+    ("not-a-salt", "not a fed-ndif salt file"),
 ])
-def test_bad_input_one_line_and_nothing_written(simulated, tmp_path, capsys, case, message):
+def test_bad_input_one_line_and_nothing_written(simulated, salt, tmp_path, capsys, case, message):
     export = build_export(simulated, tmp_path / "export")
     site = tmp_path / "out" / "site"
-    args = ["prepare-site", str(export.root), str(site)]
+    args = ["prepare-site", str(export.root), str(site), "--salt", str(salt)]
     pairs = tmp_path / "pairs.csv"
     if case == "no-export":
         args[1] = str(tmp_path / "missing")
@@ -226,6 +237,14 @@ def test_bad_input_one_line_and_nothing_written(simulated, tmp_path, capsys, cas
         pairs.write_text(f"low_count_series_uid,full_count_series_uid,count_level\n1.2.3,"
                          f"1.2.4,{level}\n")
         args += ["--pairs", str(pairs)]
+    elif case == "no-salt":
+        args.remove("--salt")
+        args.remove(str(salt))
+    elif case == "salt-inside":
+        args[args.index(str(salt))] = str(site / "site.salt")
+    elif case == "not-a-salt":
+        args[args.index(str(salt))] = str(export.root.parent / "key.csv")
+        (export.root.parent / "key.csv").write_text("subject,study\n")
     elif case == "no-pet":
         for path in export.root.rglob("*"):
             if path.is_file() and pydicom.dcmread(path, stop_before_pixels=True).Modality == "PT":
@@ -240,10 +259,10 @@ def test_bad_input_one_line_and_nothing_written(simulated, tmp_path, capsys, cas
 
 
 @pytest.fixture(scope="module")
-def prepared(simulated, tmp_path_factory) -> Path:
+def prepared(simulated, salt, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("prepared")
     export = build_export(simulated, root / "export")
-    assert main(["prepare-site", str(export.root), str(root / "site")]) == 0
+    assert main(["prepare-site", str(export.root), str(root / "site"), "--salt", str(salt)]) == 0
     return root / "site"
 
 
@@ -282,7 +301,7 @@ def test_evaluation_runs_without_masks(prepared, tmp_path):
     assert (out / "report.md").is_file()
 
 
-def test_studies_without_an_automatic_liver_voi_are_named(simulated, tmp_path, monkeypatch,
+def test_studies_without_an_automatic_liver_voi_are_named(simulated, salt, tmp_path, monkeypatch,
                                                           caplog):
     export = build_export(simulated, tmp_path / "export")
 
@@ -291,14 +310,14 @@ def test_studies_without_an_automatic_liver_voi_are_named(simulated, tmp_path, m
 
     monkeypatch.setattr(site_module, "find_liver_voi", no_liver)
     with caplog.at_level(logging.INFO):
-        site_module.prepare_site(export.root, tmp_path / "site", progress=False)
+        site_module.prepare_site(export.root, tmp_path / "site", progress=False, salt=salt)
     summary = json.loads((tmp_path / "site" / "prepare.json").read_text())
     assert [f["reason"] for f in summary["automatic_liver_voi_failed"]] == [
         "automatic liver VOI: no body found"] * 4
     assert "studies without an automatic liver VOI (give their rows a liver_mask" in caplog.text
 
 
-def test_a_dicomdir_export_with_mixed_transfer_syntaxes(simulated, tmp_path):
+def test_a_dicomdir_export_with_mixed_transfer_syntaxes(simulated, salt, tmp_path):
     """One subject through a DICOMDIR tree: the 10 % series RLE, the 25 % series JPEG-LS,
     the full count implicit VR without preamble; SUV still equals the simulated volumes."""
     flat = tmp_path / "flat"
@@ -324,7 +343,8 @@ def test_a_dicomdir_export_with_mixed_transfer_syntaxes(simulated, tmp_path):
             path.write_bytes(path.read_bytes()[132:])
     assert (tmp_path / "export" / "DICOMDIR").is_file()
     site = tmp_path / "site"
-    assert main(["prepare-site", str(tmp_path / "export"), str(site), "--val", "0",
+    assert main(["prepare-site", str(tmp_path / "export"), str(site), "--salt", str(salt),
+                 "--val", "0",
                  "--test", "0"]) == 0
     studies = read_manifest(site / "manifest.csv")
     assert sorted(s.count_level for s in studies) == [0.1, 0.25]
@@ -393,12 +413,12 @@ def _derived_extra(subject: Path, index: int, export) -> None:
                     number=9)
 
 
-def test_derived_series_beside_the_originals_change_nothing(simulated, tmp_path):
+def test_derived_series_beside_the_originals_change_nothing(simulated, salt, tmp_path):
     plain = build_export(simulated, tmp_path / "plain")
     mixed = build_export(simulated, tmp_path / "mixed" / "export", extra=_derived_extra)
     # The same studies and identities: the two exports differ only by the derived series.
-    assert main(["prepare-site", str(plain.root), str(tmp_path / "a")]) == 0
-    assert main(["prepare-site", str(mixed.root), str(tmp_path / "b")]) == 0
+    assert main(["prepare-site", str(plain.root), str(tmp_path / "a"), "--salt", str(salt)]) == 0
+    assert main(["prepare-site", str(mixed.root), str(tmp_path / "b"), "--salt", str(salt)]) == 0
     rows_a = (tmp_path / "a" / "manifest.csv").read_text()
     rows_b = (tmp_path / "b" / "manifest.csv").read_text()
     assert len(rows_a.splitlines()) == 9  # 4 studies x 2 levels, and the header
@@ -410,3 +430,35 @@ def test_derived_series_beside_the_originals_change_nothing(simulated, tmp_path)
     assert reasons[1].startswith("fed-ndif's own output")
     assert all(r.endswith("never paired") for r in reasons)
     assert json.loads((tmp_path / "a" / "prepare.json").read_text())["skipped"] == []
+
+
+SALTS = ("5a" * 32, "c3" * 32)
+
+
+def test_the_subject_order_follows_the_site_salt_not_the_ids(simulated, tmp_path):
+    """Whoever holds the cohort's MRNs cannot rebuild the key: the order is a keyed hash under
+    the site's salt. Each salt gives its own order (the same salt the same one), the file is
+    the owner's only and made once, beside the key."""
+    export = build_export(simulated, tmp_path / "export")
+    ids = {export.study_of[s]: f"MRN{9_400_000 + i}" for i, s in enumerate(sorted(
+        export.study_of))}
+    unsalted = {f"sub-{n:03d}": uid for n, uid in enumerate(sorted(
+        ids, key=lambda u: hashlib.sha256(ids[u].encode()).hexdigest()), start=1)}
+    orders = []
+    for n, text in enumerate((*SALTS, None)):
+        key = tmp_path / f"key{n}.csv"
+        if text is not None:
+            (tmp_path / f"key{n}.csv.salt").write_text(text + "\n")
+        site_module.prepare_site(export.root, tmp_path / f"site{n}", keep_key=key,
+                                 progress=False)
+        orders.append({name.split("/")[0]: uid for name, uid in _key(key).items()})
+    assert len({tuple(sorted(o.items())) for o in orders}) == 3
+    assert unsalted not in orders
+    fresh = tmp_path / "key2.csv.salt"
+    assert fresh.stat().st_mode & 0o777 == 0o600 and len(bytes.fromhex(fresh.read_text())) == 32
+    assert not list((tmp_path / "site2").rglob("*.salt"))
+    before = fresh.read_text()
+    site_module.prepare_site(export.root, tmp_path / "site2", keep_key=tmp_path / "key2.csv",
+                             overwrite=True, progress=False)
+    assert fresh.read_text() == before
+    assert {n.split("/")[0]: u for n, u in _key(tmp_path / "key2.csv").items()} == orders[2]
