@@ -373,8 +373,8 @@ def denoise_study(
             if derived is not None:
                 raise FedNdifError(f"{input_path}: PET series {number} is {derived}; fed-ndif "
                                    "denoises acquisitions only")
-            description = info.series_description.strip() or "no description"
-            what = f'PET series {number} "{description}"'
+            # By number only: a free-text description can name the patient.
+            what = f"PET series {number}"
         else:
             volume = load_nifti(input_path)
             what = f"NIfTI volume {input_path.name}"

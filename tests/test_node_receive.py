@@ -28,7 +28,7 @@ from fed_ndif.node.receive import (
     OUT_OF_RESOURCES,
     Receiver,
 )
-from fed_ndif.node.spool import INCOMING, OUTBOX, WORK, Spool, uid_key
+from fed_ndif.node.spool import INCOMING, OUTBOX, REASON_NOTE, WORK, Spool
 from fed_ndif.runtime.processes import free_port
 from tests.helpers.dicom_factory import make_series
 from tests.helpers.dicom_node import tool
@@ -80,8 +80,8 @@ def test_a_stored_instance_is_in_the_spool_whole(node, series):
     spool, port = node
     ds = pydicom.dcmread(series[0])
     assert _store(port, ds) == 0
-    key = uid_key(str(ds.SeriesInstanceUID))
-    stored = spool.folder(INCOMING, key) / f"{ds.SOPInstanceUID}.dcm"
+    key = spool.uid_key(str(ds.SeriesInstanceUID))
+    stored = spool.folder(INCOMING, key) / spool.instance_name(str(ds.SOPInstanceUID))
     assert stored.is_file()
     again = pydicom.dcmread(stored)
     assert again.PixelData == ds.PixelData and again.SOPInstanceUID == ds.SOPInstanceUID
@@ -154,18 +154,19 @@ def test_spool_recovery_after_a_crash(tmp_path):
     both in work/ and outbox/ (crash between the two steps)."""
     spool = Spool(tmp_path)
     spool.prepare()
-    key = uid_key("1.2.3")
+    key = spool.uid_key("1.2.3")
     spool.store(b"data", series_uid="1.2.3", sop_uid="1.2.3.4", study_uid="1.2",
                 sop_class="1.2", modality="PT", number="5")
     (spool.folder(INCOMING, key) / ".tmp-abc.part").write_bytes(b"half")
     (spool.folder(OUTBOX) / f".{key}.tmp-x").mkdir()
-    other = uid_key("1.2.9")
+    other = spool.uid_key("1.2.9")
     spool.folder(WORK, other).mkdir()
     spool.folder(OUTBOX, other).mkdir()
     restarted = Spool(tmp_path)
     restarted.prepare()
     assert sorted(p.name for p in spool.folder(INCOMING, key).iterdir()) == sorted(
-        ["1.2.3.4.dcm", "series.json"])
+        [spool.instance_name("1.2.3.4"), "series.json"])
+    assert restarted.uid_key("1.2.3") == key  # the salt is kept: the same names after a restart
     assert restarted.keys(OUTBOX) == [other] and restarted.keys(WORK) == []
     assert not list(spool.folder(OUTBOX).glob(".*"))
     assert restarted.settled(0.0)[0][0].name == f"series 5 [{key[:8]}]"
@@ -291,7 +292,7 @@ def test_the_receiver_itself_refuses_an_empty_allow_list(tmp_path):
 def test_instances_that_arrive_during_denoising_rejoin_their_series(tmp_path):
     spool = Spool(tmp_path)
     spool.prepare()
-    key = uid_key("1.2.3")
+    key = spool.uid_key("1.2.3")
 
     def store(sop: str) -> None:
         spool.store(sop.encode(), series_uid="1.2.3", sop_uid=sop, study_uid="1.2",
@@ -303,7 +304,8 @@ def test_instances_that_arrive_during_denoising_rejoin_their_series(tmp_path):
     store("1.3")  # late: while the taken series is being denoised
     spool.requeue(key)
     assert spool.keys(WORK) == []
-    assert [p.name for p in spool.instances(INCOMING, key)] == ["1.1.dcm", "1.2.dcm", "1.3.dcm"]
+    assert [p.name for p in spool.instances(INCOMING, key)] == sorted(
+        spool.instance_name(sop) for sop in ("1.1", "1.2", "1.3"))
     assert spool.settled(3600) == []  # it settles again from now
 
 
@@ -321,7 +323,7 @@ def _bare_node(tmp_path: Path):
 def _taken(node) -> str:
     node.spool.store(b"x", series_uid="1.2.3", sop_uid="1.1", study_uid="1.2",
                      sop_class="1.2.840.10008.5.1.4.1.1.128", modality="PT", number="7")
-    key = uid_key("1.2.3")
+    key = node.spool.uid_key("1.2.3")
     assert node.spool.take(key)
     return key
 
@@ -349,5 +351,9 @@ def test_a_series_the_reader_refuses_goes_to_failed_with_its_reason(tmp_path, ca
                                  state=None, device=None)
     assert node.step()
     failed = node.spool.folder("failed", key)
-    assert "DICOM" in (failed / "reason.txt").read_text()
+    reason = (failed / "reason.txt").read_text()
+    assert "DICOM" in reason and reason.startswith(REASON_NOTE)
     assert f"failed: series 7 [{key[:8]}]" in caplog.text
+    # The log names no path (the spool's, the file's) and no UID; reason.txt's detail may.
+    assert str(tmp_path) not in caplog.text and "1.2.3" not in caplog.text
+    assert "<series>" in caplog.text and f"detail: {node.spool.root}" in reason

@@ -77,6 +77,24 @@ def _all_text(folder: Path) -> bytes:
     return b"\n".join(chunks)
 
 
+def _dates_and_paths(root: Path) -> set[str]:
+    """The export's dates (DA and ISO) and paths: never in a site folder or its log."""
+    found = {str(root), str(root.resolve())}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        found.add(str(path))
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:
+            continue
+        for keyword in ("StudyDate", "SeriesDate", "AcquisitionDate", "PatientBirthDate"):
+            text = str(ds.get(keyword, "") or "")
+            if len(text) == 8 and text.isdigit():
+                found |= {text, f"{text[:4]}-{text[4:6]}-{text[6:]}"}
+            elif text:
+                found.add(text)
+    return found
+
+
 def _ambiguous_extra(subject: Path, index: int, export) -> None:
     """In the last subject's study: a dose-reduced 25 % series with the full count's frame
     duration (the headers cannot tell it from the full count) and a non-AC copy."""
@@ -144,6 +162,9 @@ def test_prepares_a_realistic_export_without_phi(simulated, tmp_path, capsys, ca
     everything = _all_text(site)
     leaked = sorted(p for p in export.phi if p.encode() in everything or p.encode() in log_text)
     assert leaked == []
+    # Nor any date of the studies (as stored, or in ISO form), nor a path of the export.
+    assert _dates_and_paths(export.root) and not [
+        t for t in _dates_and_paths(export.root) if t.encode() in everything + log_text]
     for path in site.rglob("*.nii.gz"):
         header = nib.load(path).header
         assert all(header[f].item() in (b"", "") for f in ("descrip", "aux_file", "intent_name"))
@@ -462,3 +483,31 @@ def test_the_subject_order_follows_the_site_salt_not_the_ids(simulated, tmp_path
                              overwrite=True, progress=False)
     assert fresh.read_text() == before
     assert {n.split("/")[0]: u for n, u in _key(tmp_path / "key2.csv").items()} == orders[2]
+
+
+def test_malformed_dates_reach_neither_the_summary_nor_the_log(simulated, tmp_path, caplog,
+                                                               capsys):
+    """pydicom quotes a malformed DA in its errors and warnings: the skipped series' reason
+    says what is malformed, never the value, and no UID, date or path of the export is in
+    prepare.json or the log."""
+    export = build_export(simulated, tmp_path / "export")
+    full_uid = export.series[("sub-002", "full_count")]
+    for path in export.root.rglob("*"):
+        if path.is_file():
+            ds = pydicom.dcmread(path)
+            if ds.SeriesInstanceUID == full_uid:
+                ds.SeriesDate = "1951X2"
+                ds.save_as(path, enforce_file_format=True)
+    caplog.clear()  # pydicom warned (and logged) the value while this test wrote it
+    capsys.readouterr()
+    with caplog.at_level(logging.DEBUG):
+        assert main(["prepare-site", str(export.root), str(tmp_path / "site"), "--keep-key",
+                     str(tmp_path / "key.csv")]) == 0
+    out, err = capsys.readouterr()
+    summary = (tmp_path / "site" / "prepare.json").read_text()
+    reasons = [n["reason"] for n in json.loads(summary)["skipped"]]
+    assert any("SeriesDate/SeriesTime is malformed (not a valid DICOM date/time" in r
+               for r in reasons), reasons
+    text = summary + caplog.text + out + err
+    planted = _dates_and_paths(export.root) | export.phi
+    assert "1951X2" in planted and not sorted(t for t in planted if t in text)

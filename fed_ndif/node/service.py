@@ -13,10 +13,12 @@ import logging
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fed_ndif.data.dicom.series import PET_IMAGE_STORAGE
+from fed_ndif.data.prepare.privacy import scrub
 from fed_ndif.errors import FedNdifError
 from fed_ndif.inference import DENOISED_SERIES, LoadedModel, denoise_study, load_model
 from fed_ndif.node.config import NodeConfig, check_config, parse_destination, tls_contexts
@@ -132,12 +134,11 @@ class Node:
                       exc.strerror or exc, WORK_PAUSE_S)
             return
         except FedNdifError as exc:
-            where = self.spool.fail(key, str(exc))
-            log.error("failed: %s: %s (moved to %s)", meta.name, exc, where)
+            self._fail(key, meta, str(exc))
             return
         except Exception as exc:  # a bug must not stop the node; the series is kept
-            where = self.spool.fail(key, f"{exc.__class__.__name__}: {exc}")
-            log.exception("failed: %s: unexpected error (moved to %s)", meta.name, where)
+            log.debug("unexpected error while denoising %s", meta.name, exc_info=True)
+            self._fail(key, meta, f"unexpected error {exc.__class__.__name__}: {exc}")
             return
         late = len(self.spool.instances(INCOMING, key))
         if late:  # the series was not complete: its derived series would not be either
@@ -150,6 +151,14 @@ class Node:
         self.spool.finish_work(key)
         log.info("denoised: %s in %.1f s (%.1f s sampling, liver NSTD %.4f)", meta.name,
                  time.perf_counter() - started, result.sampling_seconds, result.nstd)
+
+    def _fail(self, key: str, meta: SeriesMeta, detail: str, state: str = WORK) -> None:
+        """Move the series to failed/ with its reason: the log line and reason.txt's reason
+        carry no path, UID or date; reason.txt (which stays in the spool) also the detail."""
+        reason = scrub(detail, roots=[self.spool.folder(state, key), self.spool.root,
+                                      self.spool.root.resolve()], root_name="<series>")
+        self.spool.fail(key, reason, state, detail=detail)
+        log.error("failed: %s: %s (kept in failed/%s with reason.txt)", meta.name, reason, key)
 
     def _deliver(self, key: str, retry: _Retry) -> None:
         files = sorted((self.spool.folder(OUTBOX, key) / DENOISED_SERIES).glob("*.dcm"))
@@ -164,8 +173,10 @@ class Node:
                         key[:8], self.destination, pause, retry.failures, exc)
             return
         except Exception as exc:  # unreadable outbox files: never retried in a loop
-            log.exception("failed: derived series [%s] cannot be sent", key[:8])
-            self.spool.fail(key, f"{exc.__class__.__name__}: {exc}", OUTBOX)
+            log.debug("derived series [%s] cannot be sent", key[:8], exc_info=True)
+            self._fail(key, SeriesMeta(key, "", "", "", "?"),
+                       f"the derived series cannot be sent: {exc.__class__.__name__}: {exc}",
+                       OUTBOX)
             self.retries.pop(key, None)
             return
         self.spool.remove_derived(key)
@@ -203,8 +214,12 @@ def build_node(config: NodeConfig) -> Node:
 
 def run_node(config: NodeConfig) -> None:
     """``fed-ndif serve``: run until SIGTERM or SIGINT, then stop cleanly."""
-    # pynetdicom logs whole data sets (patient names included) at debug level: keep it quiet.
+    # pynetdicom logs whole data sets (patient names included) at debug level, and pydicom's
+    # validation warnings quote the values they find malformed (a date, a name): keep both
+    # quiet; the node's own lines say what went wrong.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
     node = build_node(config)
     previous = {sig: signal.signal(sig, node.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -151,6 +151,27 @@ def received_series(folder: Path) -> dict[str, set[str]]:
     return series
 
 
+def identifiers(folder: Path) -> set[str]:
+    """What identifies the sent study besides the planted names: its UIDs, its dates (as DICOM
+    stores them and in ISO form) and its files' paths. None of it may reach the node's log."""
+    found = {str(folder), str(folder.resolve())}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        found.add(str(path))
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                        "FrameOfReferenceUID"):
+            if keyword in ds:
+                found.add(str(ds[keyword].value))
+        # (Not ContentDate: a derived series was made today, the date of the log's own stamps.)
+        for keyword in ("StudyDate", "SeriesDate", "AcquisitionDate", "PatientBirthDate"):
+            text = str(ds.get(keyword, "") or "")
+            if len(text) == 8 and text.isdigit():
+                found |= {text, f"{text[:4]}-{text[4:6]}-{text[6:]}"}
+            elif text:
+                found.add(text)  # a malformed date, quoted as it is
+    return found
+
+
 def plant(ds: pydicom.Dataset) -> None:
     for keyword, value in PLANTED.items():
         setattr(ds, keyword, value)

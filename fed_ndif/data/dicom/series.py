@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +44,15 @@ class DicomFile:
     force: bool  # not a standard Part 10 file (no preamble, or no file meta)
 
 
+# A quoted value inside another library's message (pydicom quotes the malformed DA/TM/DT or
+# name it could not convert): it may be a patient's date or name, so it is never repeated.
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|b'[^']*'")
+
+
 def one_line(exc: BaseException) -> str:
-    """An exception as one short line, for an error message that names its cause."""
-    text = " ".join(str(exc).split())
+    """An exception as one short line, for an error message that names its cause; quoted
+    values in it are left out (they can be header values)."""
+    text = _QUOTED.sub("<value>", " ".join(str(exc).split()))
     return f"{exc.__class__.__name__}: {text[:160]}" if text else exc.__class__.__name__
 
 

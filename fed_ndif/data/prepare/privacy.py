@@ -29,6 +29,8 @@ from fed_ndif.staging import staged_file
 log = logging.getLogger(__name__)
 
 UID_PATTERN = re.compile(r"(?<![\w.])\d+(?:\.\d+){3,}(?![\w.])")
+# Date text: DA (20240115), ISO (2024-01-15) or dotted (2024.01.15), years 1900-2099.
+DATE_PATTERN = re.compile(r"(?<![\w.])(?:19|20)\d\d([-./]?)[01]\d\1[0-3]\d(?!\d)")
 
 
 SALT_BYTES = 32
@@ -89,13 +91,15 @@ def pseudonyms(studies: dict[str, str], salt: bytes) -> dict[str, Pseudonym]:
     return names
 
 
-def scrub(message: str, paths: Iterable[Path] = (), roots: Iterable[Path] = ()) -> str:
-    """``message`` with the given file paths, export roots and any UID replaced."""
+def scrub(message: str, paths: Iterable[Path] = (), roots: Iterable[Path] = (), *,
+          root_name: str = "<export>") -> str:
+    """``message`` with the given file paths, the roots (export or spool folders), any UID
+    and any date replaced."""
     for path in sorted({str(p) for p in paths}, key=len, reverse=True):
         message = message.replace(path, "<file>")
-    for root in roots:
-        message = message.replace(str(root), "<export>")
-    return UID_PATTERN.sub("<uid>", message)
+    for root in sorted({str(r) for r in roots}, key=len, reverse=True):
+        message = message.replace(root, root_name)
+    return DATE_PATTERN.sub("<date>", UID_PATTERN.sub("<uid>", message))
 
 
 @contextlib.contextmanager
