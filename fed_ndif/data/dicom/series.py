@@ -72,13 +72,20 @@ def _set_transfer_syntax(ds: Dataset) -> None:
 
 
 def open_dicom(path: Path, *, force: bool, stop_before_pixels: bool) -> Dataset:
-    """Read a DICOM file: Part 10, or raw (no preamble, no 'DICM', no file meta: ``force``).
+    """Read a DICOM file: Part 10, or raw (no preamble, no 'DICM', no file meta: ``force``,
+    or read by pydicom without it); a file without file meta gets the transfer syntax its
+    bytes were parsed with.
 
     A file that starts with 'DICM' (the preamble cut off, the file meta kept) is read with a
     blank preamble put back, so its file meta, and with it the transfer syntax, is honoured.
     """
     if not force:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        # pydicom 3 reads a file without preamble and file meta that starts with a plausible
+        # element without force, and leaves the transfer syntax unset: take it from how the
+        # data set itself was encoded.
+        _set_transfer_syntax(ds)
+        return ds
     with path.open("rb") as handle:
         prefix = handle.read(4)
     if prefix == b"DICM":
