@@ -63,7 +63,8 @@ def _denoise(args: argparse.Namespace) -> None:
         Path(args.input), Path(args.output), checkpoint=Path(args.checkpoint), steps=args.steps,
         samples=args.samples, sampler_name=args.sampler, uncertainty=args.uncertainty,
         output_format=args.format,
-        liver_mask=Path(args.liver_mask) if args.liver_mask else None, device=args.device,
+        liver_mask=Path(args.liver_mask) if args.liver_mask else None, nstd=args.nstd,
+        device=args.device,
         precision=args.precision, overwrite=args.overwrite, weight_kg=args.weight,
         dose_bq=args.dose * 1e6 if args.dose is not None else None, series_uid=args.series_uid,
         seed=args.seed, batch_size=args.batch_size, progress=True, engine=args.engine,
@@ -225,7 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("dicom", "nifti", "both"), help="output format; default: "
                    "dicom for a DICOM input, nifti for a NIfTI input (which cannot give DICOM)")
     p.add_argument("--liver-mask", metavar="NIFTI", help="liver mask on the input's voxel grid "
-                   "(non-zero inside) for the liver NSTD; default: an automatic liver VOI")
+                   "(non-zero inside) for the liver NSTD; default: an automatic liver VOI, "
+                   "checked for plausibility (right upper abdomen, volume, SUV, NSTD) and "
+                   "refused when it fails")
+    p.add_argument("--nstd", type=float, metavar="X", help="the input's liver NSTD, given "
+                   "instead of measured (overrides the automatic VOI and its checks)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the "
                    "model runs; auto = cuda when available (default: auto)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="network "

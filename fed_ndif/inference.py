@@ -309,7 +309,7 @@ def denoise_study(
     input_path: str | Path, output: str | Path, *, checkpoint: str | Path | None = None,
     steps: int | None = None, samples: int | None = None, sampler_name: str | None = None,
     uncertainty: bool = False, output_format: str | None = None,
-    liver_mask: str | Path | None = None,
+    liver_mask: str | Path | None = None, nstd: float | None = None,
     device: str = "auto", precision: str = "fp32", overwrite: bool = False,
     weight_kg: float | None = None, dose_bq: float | None = None, series_uid: str | None = None,
     seed: int = 0, batch_size: int | None = None, progress: bool = True,
@@ -344,6 +344,9 @@ def denoise_study(
     mask_path = Path(liver_mask) if liver_mask is not None else None
     if mask_path is not None and not mask_path.is_file():
         raise FedNdifError(f"{mask_path}: no such liver mask file")
+    if nstd is not None and (mask_path is not None or not (math.isfinite(nstd) and nstd > 0)):
+        raise FedNdifError(f"--nstd {nstd}: give a positive noise level, and either --nstd or "
+                           "--liver-mask, not both")
     if model is None:
         assert checkpoint is not None
         model = load_model(checkpoint, steps=steps, samples=samples, sampler_name=sampler_name,
@@ -382,8 +385,13 @@ def denoise_study(
         nz, ny, nx = volume.array.shape
         dz, dy, dx = volume.spacing
         what += f" ({nz} slices of {ny}x{nx}, {dz:.2f} x {dy:.2f} x {dx:.2f} mm)"
-        mask = _load_mask(mask_path, volume) if mask_path is not None else None
-        nstd, how = measure_liver_nstd(volume, mask)
+        if nstd is not None:  # the user's word: no liver is looked for, nothing is checked
+            how = "given with --nstd"
+        else:
+            # An automatic VOI is checked for plausibility (side, height, volume, SUV, NSTD)
+            # and refused in one line; a mask or --nstd is the user's override.
+            mask = _load_mask(mask_path, volume) if mask_path is not None else None
+            nstd, how = measure_liver_nstd(volume, mask)
         if not math.isfinite(nstd) or nstd <= 0:
             raise FedNdifError(f"liver NSTD is {nstd} ({how}); pass a liver mask on the liver")
 

@@ -293,6 +293,17 @@ def _hostile(case: str, trained, tmp_path: Path) -> tuple[list[str], str]:
         other = trained["subject"].parent.parent / "site_b" / "sub-001" / "liver_mask.nii.gz"
         return ([str(trained["dicom"]), out, "--checkpoint", ckpt, "--liver-mask", str(other)],
                 "liver mask shape")
+    if case == "nstd_and_mask":
+        return ([str(trained["dicom"]), out, "--checkpoint", ckpt, "--nstd", "0.2",
+                 "--liver-mask", str(trained["mask"])], "either --nstd or --liver-mask")
+    if case == "our_own_output":  # a derived series of ours is never denoised again
+        from fed_ndif.data.dicom import read_pet_series, write_pet_series
+
+        volume, info = read_pet_series(trained["dicom"])
+        write_pet_series(volume, inputs / "ours", template=info, series_description="d",
+                         derivation_description="denoised by fed-ndif")
+        return ([str(inputs / "ours"), out, "--checkpoint", ckpt, "--nstd", "0.2"],
+                "fed-ndif's own output")
     if case == "cuda_without_gpu":
         if torch.cuda.is_available():
             pytest.skip("a CUDA device is present")
@@ -303,7 +314,24 @@ def _hostile(case: str, trained, tmp_path: Path) -> tuple[list[str], str]:
 CASES = ["wrong_k", "no_normalization", "corrupt", "not_a_checkpoint", "code_in_pickle",
          "missing_checkpoint", "output_inside_input", "output_is_input", "output_contains_input",
          "existing_output", "unwritable_output", "nifti_to_dicom", "uncertainty_one_sample",
-         "no_liver_found", "mask_on_other_grid", "cuda_without_gpu"]
+         "no_liver_found", "mask_on_other_grid", "nstd_and_mask", "our_own_output",
+         "cuda_without_gpu"]
+
+
+def test_nstd_overrides_the_automatic_liver_voi(trained, tmp_path, capsys):
+    """Where no plausible liver VOI is found (these 8 mm voxels), the user's --nstd stands in:
+    the same output as the model given that NSTD."""
+    out = tmp_path / "den.nii.gz"
+    code, errors = _run([str(trained["nifti"]), str(out), "--checkpoint", str(trained["ckpt"]),
+                         "--steps", "2", "--nstd", "0.25"], capsys)
+    assert code == 0 and errors == []
+    loaded = load_model(trained["ckpt"], device="cpu")
+    state = loaded.state
+    mean, _ = denoise_volume(loaded.network, load_nifti(trained["nifti"]).array, nstd=0.25,
+                             normalization=state.normalization, k=state.k, process=state.process,
+                             sampler=sampler_config(state.cfg, steps=2), device="cpu", seed=0,
+                             progress=False)
+    np.testing.assert_allclose(load_nifti(out).array, mean, atol=1e-5)
 
 
 def _listing(*folders: Path) -> list[tuple[str, int]]:
