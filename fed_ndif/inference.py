@@ -276,14 +276,14 @@ def _check_run_options(*, device: str, precision: str, batch_size: int | None,
         raise FedNdifError(f"--threads must be at least 1, got {threads}")
 
 
-def derived_uid_sources(info: PetSeriesInfo, model: LoadedModel, sampler_label: str,
-                        seed: int, nstd: float) -> list[str]:
-    """What the derived series' UIDs are derived from: the source series (its UID and its
-    instances) and everything that shapes the output. The same series denoised again with the
-    same settings gets the same UIDs, so a PACS holds one derived series, not two."""
+def derived_uid_sources(info: PetSeriesInfo, pixels: np.ndarray) -> list[str]:
+    """What a derived series' UIDs are derived from: its source series (its UID and its
+    instances) and its own pixels. The same pixels from the same source always get the same
+    UIDs, so a PACS sent the series twice holds one; other pixels (another seed, checkpoint,
+    sampler, or a CPU whose kernels round differently) never come under UIDs already used."""
     instances = hashlib.sha256("\\".join(sorted(info.sop_instance_uids)).encode()).hexdigest()
-    return ["fed-ndif derived", info.series_uid, instances, model.sha, sampler_label,
-            f"seed {seed}", f"nstd {nstd:.6g}", model.precision, model.engine.split(",")[0]]
+    content = hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.float32).tobytes())
+    return ["fed-ndif derived", info.series_uid, instances, f"pixels {content.hexdigest()}"]
 
 
 def _check_axial(volume: Volume, where: Path) -> None:
@@ -429,12 +429,12 @@ def denoise_study(
         else:
             assert info is not None
             source_number = _series_number(info.template.get("SeriesNumber"))
-            uids = derived_uid_sources(info, model, label, seed, nstd)
             write_pet_series(denoised, folder / DENOISED_SERIES, template=info,
                              series_description=f"fed-ndif denoised {short} {model.label}",
                              derivation_description=derivation,
                              series_number=source_number + 1000,
-                             uid_entropy=[*uids, DENOISED_SERIES])
+                             uid_entropy=[*derived_uid_sources(info, denoised.array),
+                                          DENOISED_SERIES])
             if spread is not None:
                 write_pet_series(
                     spread, folder / UNCERTAINTY_SERIES, template=info,
@@ -442,7 +442,8 @@ def denoise_study(
                     derivation_description="Per-voxel standard deviation over samples. "
                                            + derivation,
                     series_number=source_number + 1001,
-                    uid_entropy=[*uids, UNCERTAINTY_SERIES])
+                    uid_entropy=[*derived_uid_sources(info, spread.array),
+                                 UNCERTAINTY_SERIES])
             if plan.fmt == "both":
                 save_nifti(denoised, folder / DENOISED_NIFTI)
                 if spread is not None:
