@@ -81,9 +81,8 @@ def open_dicom(path: Path, *, force: bool, stop_before_pixels: bool) -> Dataset:
     """
     if not force:
         ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-        # pydicom 3 reads a file without preamble and file meta that starts with a plausible
-        # element without force, and leaves the transfer syntax unset: take it from how the
-        # data set itself was encoded.
+        # A Part 10 file whose file meta lacks (0002,0010) (old exports) reads without force,
+        # with the transfer syntax unset: take it from how the data set itself was encoded.
         _set_transfer_syntax(ds)
         return ds
     with path.open("rb") as handle:
