@@ -20,6 +20,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import PositronEmissionTomographyImageStorage, Verification
 
 from fed_ndif.cli import main
+from fed_ndif.errors import FedNdifError
 from fed_ndif.node.config import NodeConfig, parse_destination, tls_contexts
 from fed_ndif.node.deliver import MAX_BACKOFF_S, backoff_s
 from fed_ndif.node.receive import (
@@ -357,3 +358,21 @@ def test_a_series_the_reader_refuses_goes_to_failed_with_its_reason(tmp_path, ca
     # The log names no path (the spool's, the file's) and no UID; reason.txt's detail may.
     assert str(tmp_path) not in caplog.text and "1.2.3" not in caplog.text
     assert "<series>" in caplog.text and f"detail: {node.spool.root}" in reason
+
+
+def test_an_implausible_liver_sends_the_series_to_failed(tmp_path, monkeypatch, caplog):
+    """The liver check refuses the series (no override at a node): failed/ with its reason."""
+    node = _bare_node(tmp_path)
+    key = _taken(node)
+
+    def implausible(*_args, **_kwargs):
+        raise FedNdifError("automatic liver VOI is implausible: its centre lies 80 mm to the "
+                           "patient's left of the body's midline; pass a liver mask "
+                           "(--liver-mask) or the noise level (--nstd)")
+
+    monkeypatch.setattr("fed_ndif.node.service.denoise_study", implausible)
+    assert node.step()
+    reason = (node.spool.folder("failed", key) / "reason.txt").read_text()
+    assert "reason: automatic liver VOI is implausible" in reason
+    assert node.spool.keys(WORK) == []
+    assert f"failed: series 7 [{key[:8]}]: automatic liver VOI is implausible" in caplog.text
