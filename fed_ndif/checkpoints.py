@@ -73,6 +73,9 @@ class TrainingState:
     process: DiffusionProcess | None  # None for the deterministic U-Net
     device: torch.device
     step: int = 0
+    # With train.keep_best: the best-by-validation selection so far (best step and score,
+    # checks since the best, start and rival scores), so a resumed run keeps its best.
+    selection: dict[str, Any] | None = None
 
     @property
     def k(self) -> int:
@@ -179,6 +182,8 @@ def save_checkpoint(state: TrainingState, path: str | Path, *,
     }
     if federated_round is not None:
         content["round"] = int(federated_round)
+    if state.selection is not None:
+        content["selection"] = dict(state.selection)
     with staged_file(Path(path), suffix=".pt") as tmp:
         torch.save(content, tmp)
 
@@ -231,6 +236,8 @@ def load_checkpoint(path: str | Path, *, device: str | None = None,
     state.ema.decay = float(ckpt["ema"]["decay"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
     state.step = int(ckpt["step"])
+    selection = ckpt.get("selection")
+    state.selection = dict(selection) if isinstance(selection, dict) else None
     return state
 
 

@@ -42,7 +42,7 @@ def _prepare_site(args: argparse.Namespace) -> None:
     from fed_ndif.data.prepare import prepare_site
 
     prepare_site(Path(args.export), Path(args.site_dir), pairs_file=args.pairs, val=args.val,
-                 test=args.test, seed=args.seed, keep_key=args.keep_key,
+                 test=args.test, seed=args.seed, keep_key=args.keep_key, salt=args.salt,
                  overwrite=args.overwrite)
 
 
@@ -63,7 +63,8 @@ def _denoise(args: argparse.Namespace) -> None:
         Path(args.input), Path(args.output), checkpoint=Path(args.checkpoint), steps=args.steps,
         samples=args.samples, sampler_name=args.sampler, uncertainty=args.uncertainty,
         output_format=args.format,
-        liver_mask=Path(args.liver_mask) if args.liver_mask else None, device=args.device,
+        liver_mask=Path(args.liver_mask) if args.liver_mask else None, nstd=args.nstd,
+        device=args.device,
         precision=args.precision, overwrite=args.overwrite, weight_kg=args.weight,
         dose_bq=args.dose * 1e6 if args.dose is not None else None, series_uid=args.series_uid,
         seed=args.seed, batch_size=args.batch_size, progress=True, engine=args.engine,
@@ -79,7 +80,8 @@ def _serve(args: argparse.Namespace) -> None:
     run_node(NodeConfig(
         checkpoint=Path(args.checkpoint), ae_title=args.ae_title, port=args.port,
         destination=args.destination, spool=Path(args.spool), host=args.host,
-        settle_s=args.settle_seconds, allow=args.allow,
+        settle_s=args.settle_seconds, allow_any=args.allow_any,
+        allow=[title for value in args.allow for title in value.split(",") if title.strip()],
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
         tls_ca=Path(args.tls_ca) if args.tls_ca else None,
@@ -179,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the split draw (default 0)")
     p.add_argument("--keep-key", metavar="FILE", help="also write a CSV mapping pseudonyms to "
                    "StudyInstanceUIDs (identifying: keep it outside the site folder, safe)")
+    p.add_argument("--salt", metavar="FILE", help="the site's secret salt for the subject "
+                   "order (made on the first run, reused after; default: beside --keep-key, "
+                   "KEY.salt); one of --salt and --keep-key is needed; never in the site folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing SITE_DIR")
     p.set_defaults(func=_prepare_site, resumable=True)
 
@@ -221,7 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("dicom", "nifti", "both"), help="output format; default: "
                    "dicom for a DICOM input, nifti for a NIfTI input (which cannot give DICOM)")
     p.add_argument("--liver-mask", metavar="NIFTI", help="liver mask on the input's voxel grid "
-                   "(non-zero inside) for the liver NSTD; default: an automatic liver VOI")
+                   "(non-zero inside) for the liver NSTD; default: an automatic liver VOI, "
+                   "checked for plausibility (right upper abdomen, volume, SUV, NSTD) and "
+                   "refused when it fails")
+    p.add_argument("--nstd", type=float, metavar="X", help="the input's liver NSTD, given "
+                   "instead of measured (overrides the automatic VOI and its checks)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the "
                    "model runs; auto = cuda when available (default: auto)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="network "
@@ -262,8 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(callers must address it)")
     p.add_argument("--port", type=int, required=True, help="port to listen on (DICOM: 104 or "
                    "11112)")
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0, "
-                   "every interface)")
+    p.add_argument("--host", default="127.0.0.1", help="address of the interface to listen "
+                   "on (default: 127.0.0.1, this machine only; the hospital network's address, "
+                   "or 0.0.0.0 for every interface, must be given by name)")
     p.add_argument("--destination", required=True, metavar="AET@HOST:PORT", help="where "
                    "derived series are sent (the PACS)")
     p.add_argument("--spool", required=True, metavar="DIR", help="the node's queue on disk "
@@ -271,7 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settle-seconds", type=float, default=10.0, metavar="S", help="a series "
                    "is complete when no instance of it arrived for S seconds (default: 10)")
     p.add_argument("--allow", nargs="+", default=[], metavar="CALLING_AET", help="accept "
-                   "associations only from these calling AE titles (default: any)")
+                   "associations only from these calling AE titles (the scanner's, the PACS's; "
+                   "space- or comma-separated); "
+                   "the node refuses to start without --allow or --allow-any")
+    p.add_argument("--allow-any", action="store_true", help="accept any calling AE title "
+                   "(the start line warns about it); prefer --allow")
     p.add_argument("--tls-cert", metavar="PEM", help="this node's certificate: DICOM over TLS")
     p.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     p.add_argument("--tls-ca", metavar="PEM", help="CA that callers' certificates must be "

@@ -38,6 +38,7 @@ from fed_ndif.data.dicom import (
     read_pet_series,
     write_pet_series,
 )
+from fed_ndif.data.dicom.derived import derived_reason
 from fed_ndif.data.nifti import load_nifti, save_nifti
 from fed_ndif.data.nstd import measure_liver_nstd
 from fed_ndif.data.volume import Volume
@@ -275,14 +276,14 @@ def _check_run_options(*, device: str, precision: str, batch_size: int | None,
         raise FedNdifError(f"--threads must be at least 1, got {threads}")
 
 
-def derived_uid_sources(info: PetSeriesInfo, model: LoadedModel, sampler_label: str,
-                        seed: int, nstd: float) -> list[str]:
-    """What the derived series' UIDs are derived from: the source series (its UID and its
-    instances) and everything that shapes the output. The same series denoised again with the
-    same settings gets the same UIDs, so a PACS holds one derived series, not two."""
+def derived_uid_sources(info: PetSeriesInfo, pixels: np.ndarray) -> list[str]:
+    """What a derived series' UIDs are derived from: its source series (its UID and its
+    instances) and its own pixels. The same pixels from the same source always get the same
+    UIDs, so a PACS sent the series twice holds one; other pixels (another seed, checkpoint,
+    sampler, or a CPU whose kernels round differently) never come under UIDs already used."""
     instances = hashlib.sha256("\\".join(sorted(info.sop_instance_uids)).encode()).hexdigest()
-    return ["fed-ndif derived", info.series_uid, instances, model.sha, sampler_label,
-            f"seed {seed}", f"nstd {nstd:.6g}", model.precision, model.engine.split(",")[0]]
+    content = hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.float32).tobytes())
+    return ["fed-ndif derived", info.series_uid, instances, f"pixels {content.hexdigest()}"]
 
 
 def _check_axial(volume: Volume, where: Path) -> None:
@@ -308,7 +309,7 @@ def denoise_study(
     input_path: str | Path, output: str | Path, *, checkpoint: str | Path | None = None,
     steps: int | None = None, samples: int | None = None, sampler_name: str | None = None,
     uncertainty: bool = False, output_format: str | None = None,
-    liver_mask: str | Path | None = None,
+    liver_mask: str | Path | None = None, nstd: float | None = None,
     device: str = "auto", precision: str = "fp32", overwrite: bool = False,
     weight_kg: float | None = None, dose_bq: float | None = None, series_uid: str | None = None,
     seed: int = 0, batch_size: int | None = None, progress: bool = True,
@@ -343,6 +344,9 @@ def denoise_study(
     mask_path = Path(liver_mask) if liver_mask is not None else None
     if mask_path is not None and not mask_path.is_file():
         raise FedNdifError(f"{mask_path}: no such liver mask file")
+    if nstd is not None and (mask_path is not None or not (math.isfinite(nstd) and nstd > 0)):
+        raise FedNdifError(f"--nstd {nstd}: give a positive noise level, and either --nstd or "
+                           "--liver-mask, not both")
     if model is None:
         assert checkpoint is not None
         model = load_model(checkpoint, steps=steps, samples=samples, sampler_name=sampler_name,
@@ -368,8 +372,12 @@ def denoise_study(
             volume, info = read_pet_series(input_path, series_uid=series_uid,
                                            patient_weight_kg=weight_kg, injected_dose_bq=dose_bq)
             number = str(info.template.get("SeriesNumber", "") or "?")
-            description = info.series_description.strip() or "no description"
-            what = f'PET series {number} "{description}"'
+            derived = derived_reason(info.template)
+            if derived is not None:
+                raise FedNdifError(f"{input_path}: PET series {number} is {derived}; fed-ndif "
+                                   "denoises acquisitions only")
+            # By number only: a free-text description can name the patient.
+            what = f"PET series {number}"
         else:
             volume = load_nifti(input_path)
             what = f"NIfTI volume {input_path.name}"
@@ -377,8 +385,13 @@ def denoise_study(
         nz, ny, nx = volume.array.shape
         dz, dy, dx = volume.spacing
         what += f" ({nz} slices of {ny}x{nx}, {dz:.2f} x {dy:.2f} x {dx:.2f} mm)"
-        mask = _load_mask(mask_path, volume) if mask_path is not None else None
-        nstd, how = measure_liver_nstd(volume, mask)
+        if nstd is not None:  # the user's word: no liver is looked for, nothing is checked
+            how = "given with --nstd"
+        else:
+            # An automatic VOI is checked for plausibility (side, height, volume, SUV, NSTD)
+            # and refused in one line; a mask or --nstd is the user's override.
+            mask = _load_mask(mask_path, volume) if mask_path is not None else None
+            nstd, how = measure_liver_nstd(volume, mask)
         if not math.isfinite(nstd) or nstd <= 0:
             raise FedNdifError(f"liver NSTD is {nstd} ({how}); pass a liver mask on the liver")
 
@@ -416,12 +429,12 @@ def denoise_study(
         else:
             assert info is not None
             source_number = _series_number(info.template.get("SeriesNumber"))
-            uids = derived_uid_sources(info, model, label, seed, nstd)
             write_pet_series(denoised, folder / DENOISED_SERIES, template=info,
                              series_description=f"fed-ndif denoised {short} {model.label}",
                              derivation_description=derivation,
                              series_number=source_number + 1000,
-                             uid_entropy=[*uids, DENOISED_SERIES])
+                             uid_entropy=[*derived_uid_sources(info, denoised.array),
+                                          DENOISED_SERIES])
             if spread is not None:
                 write_pet_series(
                     spread, folder / UNCERTAINTY_SERIES, template=info,
@@ -429,7 +442,8 @@ def denoise_study(
                     derivation_description="Per-voxel standard deviation over samples. "
                                            + derivation,
                     series_number=source_number + 1001,
-                    uid_entropy=[*uids, UNCERTAINTY_SERIES])
+                    uid_entropy=[*derived_uid_sources(info, spread.array),
+                                 UNCERTAINTY_SERIES])
             if plan.fmt == "both":
                 save_nifti(denoised, folder / DENOISED_NIFTI)
                 if spread is not None:

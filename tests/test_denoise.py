@@ -293,6 +293,17 @@ def _hostile(case: str, trained, tmp_path: Path) -> tuple[list[str], str]:
         other = trained["subject"].parent.parent / "site_b" / "sub-001" / "liver_mask.nii.gz"
         return ([str(trained["dicom"]), out, "--checkpoint", ckpt, "--liver-mask", str(other)],
                 "liver mask shape")
+    if case == "nstd_and_mask":
+        return ([str(trained["dicom"]), out, "--checkpoint", ckpt, "--nstd", "0.2",
+                 "--liver-mask", str(trained["mask"])], "either --nstd or --liver-mask")
+    if case == "our_own_output":  # a derived series of ours is never denoised again
+        from fed_ndif.data.dicom import read_pet_series, write_pet_series
+
+        volume, info = read_pet_series(trained["dicom"])
+        write_pet_series(volume, inputs / "ours", template=info, series_description="d",
+                         derivation_description="denoised by fed-ndif")
+        return ([str(inputs / "ours"), out, "--checkpoint", ckpt, "--nstd", "0.2"],
+                "fed-ndif's own output")
     if case == "cuda_without_gpu":
         if torch.cuda.is_available():
             pytest.skip("a CUDA device is present")
@@ -303,7 +314,24 @@ def _hostile(case: str, trained, tmp_path: Path) -> tuple[list[str], str]:
 CASES = ["wrong_k", "no_normalization", "corrupt", "not_a_checkpoint", "code_in_pickle",
          "missing_checkpoint", "output_inside_input", "output_is_input", "output_contains_input",
          "existing_output", "unwritable_output", "nifti_to_dicom", "uncertainty_one_sample",
-         "no_liver_found", "mask_on_other_grid", "cuda_without_gpu"]
+         "no_liver_found", "mask_on_other_grid", "nstd_and_mask", "our_own_output",
+         "cuda_without_gpu"]
+
+
+def test_nstd_overrides_the_automatic_liver_voi(trained, tmp_path, capsys):
+    """Where no plausible liver VOI is found (these 8 mm voxels), the user's --nstd stands in:
+    the same output as the model given that NSTD."""
+    out = tmp_path / "den.nii.gz"
+    code, errors = _run([str(trained["nifti"]), str(out), "--checkpoint", str(trained["ckpt"]),
+                         "--steps", "2", "--nstd", "0.25"], capsys)
+    assert code == 0 and errors == []
+    loaded = load_model(trained["ckpt"], device="cpu")
+    state = loaded.state
+    mean, _ = denoise_volume(loaded.network, load_nifti(trained["nifti"]).array, nstd=0.25,
+                             normalization=state.normalization, k=state.k, process=state.process,
+                             sampler=sampler_config(state.cfg, steps=2), device="cpu", seed=0,
+                             progress=False)
+    np.testing.assert_allclose(load_nifti(out).array, mean, atol=1e-5)
 
 
 def _listing(*folders: Path) -> list[tuple[str, int]]:
@@ -409,16 +437,18 @@ def test_engine_and_threads_options_reach_the_network(trained, tmp_path, capsys,
     assert code != 0 and any("--threads must be at least 1" in e for e in errors)
 
 
-def test_derived_uids_change_with_the_engine_not_with_the_threads(trained):
+def test_derived_uids_follow_the_pixels():
+    """The UIDs follow what the pixels are: the same pixels the same UIDs (whatever engine or
+    thread count made them), pixels that differ in one float32 rounding step other UIDs."""
     from types import SimpleNamespace
 
     from fed_ndif.inference import derived_uid_sources
 
     info = SimpleNamespace(series_uid="1.2.3", sop_instance_uids=["1.2.3.1", "1.2.3.2"])
-    sources = {(engine, threads): derived_uid_sources(
-        info, load_model(trained["ckpt"], device="cpu", engine=engine, threads=threads),
-        "DPM-Solver++(2M), 3 steps x 1 sample", 0, 0.2)
-        for engine, threads in (("torch", 1), ("onnxruntime", 1), ("onnxruntime", 2))}
-    # Another engine may round differently: a PACS must not get other pixels under the same UIDs.
-    assert sources[("torch", 1)] != sources[("onnxruntime", 1)]
-    assert sources[("onnxruntime", 1)] == sources[("onnxruntime", 2)]
+    pixels = np.random.default_rng(0).random((4, 8, 8), dtype=np.float32)
+    rounded = pixels.copy()
+    rounded[2, 3, 4] = np.nextafter(rounded[2, 3, 4], np.float32(2))
+    assert derived_uid_sources(info, pixels) == derived_uid_sources(info, pixels.copy())
+    assert derived_uid_sources(info, pixels) != derived_uid_sources(info, rounded)
+    other = SimpleNamespace(series_uid="1.2.4", sop_instance_uids=["1.2.4.1"])
+    assert derived_uid_sources(info, pixels) != derived_uid_sources(other, pixels)

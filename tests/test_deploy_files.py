@@ -154,3 +154,8 @@ def test_the_dicom_node_service_keeps_its_spool_and_reads_its_checkpoint_only():
     assert service["read_only"] is True
     assert [p.split(":")[-1] for p in service["ports"]] == [str(args.port)]
     assert args.destination.count("@") == 1
+    # Closed by default: a named allow list, never --allow-any; published on loopback unless
+    # the hospital names its address.
+    assert args.allow and not args.allow_any
+    assert "${NODE_ALLOW:?" in service["command"][service["command"].index("--allow") + 1]
+    assert [_expand(p).split(":")[0] for p in service["ports"]] == ["127.0.0.1"]

@@ -120,6 +120,28 @@ def test_files_without_file_meta(tmp_path, implicit):
     _check_geometry_and_values(volume, made, suv_factor_start(made.spec, HOUR))
 
 
+@pytest.mark.parametrize("cut", [0, 128], ids=["preamble", "no-preamble"])
+def test_files_whose_file_meta_lacks_the_transfer_syntax(tmp_path, cut, capsys):
+    """Old exports: a file meta without (0002,0010) before an implicit VR data set. pydicom
+    reads such a file without force and leaves the transfer syntax unset; the reader takes it
+    from how the data set was encoded (convert once said "pixel data cannot be read ...
+    AttributeError")."""
+    made = make_series(tmp_path / "pet")
+
+    def no_syntax(ds, path):
+        buffer = io.BytesIO()
+        del ds.file_meta.TransferSyntaxUID
+        pydicom.filewriter.dcmwrite(buffer, ds, implicit_vr=True, little_endian=True,
+                                    enforce_file_format=False)
+        path.write_bytes(buffer.getvalue()[cut:])
+
+    _rewrite(made.paths, no_syntax)
+    assert "TransferSyntaxUID" not in pydicom.dcmread(made.paths[0], force=True).file_meta
+    volume, _ = read_pet_series(tmp_path)
+    _check_geometry_and_values(volume, made, suv_factor_start(made.spec, HOUR))
+    assert main(["convert", str(tmp_path / "pet"), str(tmp_path / "out.nii.gz")]) == 0
+
+
 def _philips(made, element: int, values: list[float], *, creator: bool = True,
              implicit: bool = False) -> None:
     def add(ds, path):

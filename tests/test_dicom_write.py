@@ -63,7 +63,7 @@ def test_synthetic_round_trip(tmp_path):
     assert len(datasets) == 6 and len({d.SOPInstanceUID for d in datasets}) == 6
     first = datasets[0]
     assert first.SOPClassUID == PET_IMAGE_STORAGE
-    assert list(first.ImageType) == ["DERIVED", "PRIMARY"] and first.Units == "BQML"
+    assert list(first.ImageType) == ["ORIGINAL", "PRIMARY"] and first.Units == "BQML"
     assert first.PixelRepresentation == 1 and first.BitsAllocated == 16
     assert "PatientPosition" not in first and "RescaleType" not in first
     for d in datasets:

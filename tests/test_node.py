@@ -19,6 +19,7 @@ from tests.helpers.dicom_node import (
     PLANTED_STRINGS,
     build_assets,
     echoscu,
+    identifiers,
     make_study,
     ports,
     received_series,
@@ -66,9 +67,12 @@ def run(tmp_path, request):
         def log(self) -> str:
             return self.node_log.read_text() if self.node_log.exists() else ""
 
-        def check_log_clean(self):
+        def check_log_clean(self, *sent: Path):
+            """No planted name, and no UID, date or file path of what was sent."""
             text = self.log()
             assert not [s for s in PLANTED_STRINGS if s in text], "patient data in the log"
+            leaked = sorted(s for folder in sent for s in identifiers(folder) if s in text)
+            assert leaked == [], f"identifiers in the log: {leaked[:5]}"
 
     yield Run()
     for proc in started:
@@ -94,6 +98,14 @@ def test_echo_and_calling_ae_allow_list(assets, run):
     assert echoscu(run.node_port).returncode == 0  # still serving
     assert node.stop() == 0  # SIGTERM: a clean stop
     assert "stopped" in run.log()
+
+
+def test_allow_any_is_accepted_only_by_name_and_warned_about(assets, run):
+    run.node(assets, extra=["--allow-any"])
+    assert echoscu(run.node_port, calling="ANYONE").returncode == 0
+    start = next(line for line in run.log().splitlines() if "listening as NODE" in line)
+    assert " WARNING " in start and "ANY calling AE title (--allow-any" in start
+    assert "on 127.0.0.1:" in start
 
 
 def test_study_in_derived_series_out_once(assets, run):
@@ -133,7 +145,17 @@ def test_study_in_derived_series_out_once(assets, run):
     wait_until(lambda: run.log().count("delivered:") >= 2, 120, "the second delivery",
                run.node_log)
     assert {k: len(v) for k, v in received_series(run.pacs_dir).items()} == {derived_uid: nz}
-    run.check_log_clean()
+    # Our own output routed back to the node (a PACS rule, a re-sent study): never denoised
+    # again, said once, nothing new delivered.
+    returned = storescu(run.pacs_dir, run.node_port)
+    assert returned.returncode == 0, returned.stdout + returned.stderr
+    wait_until(lambda: "fed-ndif's own output" in run.log() and _spool_empty(run.spool), 60,
+               "our own series dropped", run.node_log)
+    log = run.log()
+    assert log.count("fed-ndif's own output") == 1 and log.count("delivered:") == 2
+    assert log.count("ready:") == 2  # the returned series was never taken for denoising
+    assert {k: len(v) for k, v in received_series(run.pacs_dir).items()} == {derived_uid: nz}
+    run.check_log_clean(assets["study"], run.pacs_dir)
 
 
 def test_kill_9_after_receipt_still_delivers_one_series(assets, run):
@@ -150,7 +172,7 @@ def test_kill_9_after_receipt_still_delivers_one_series(assets, run):
     got = received_series(run.pacs_dir)
     assert len(got) == 1 and len(next(iter(got.values()))) == nz
     wait_until(lambda: _spool_empty(run.spool), 10, "an empty spool")
-    run.check_log_clean()
+    run.check_log_clean(assets["study"] / "pet")
 
 
 def test_destination_that_comes_up_later_gets_the_series(assets, run):
@@ -164,7 +186,7 @@ def test_destination_that_comes_up_later_gets_the_series(assets, run):
     _, _, nz = _source_uids(assets["study"] / "pet")
     got = received_series(run.pacs_dir)
     assert len(got) == 1 and len(next(iter(got.values()))) == nz
-    run.check_log_clean()
+    run.check_log_clean(assets["study"] / "pet")
 
 
 def test_ct_only_study_produces_nothing(assets, run):
@@ -178,25 +200,53 @@ def test_ct_only_study_produces_nothing(assets, run):
 
 
 def test_a_refused_series_goes_to_failed_and_the_node_keeps_serving(assets, run, tmp_path):
-    """A PET series with a missing slice: the reader refuses it; its files and reason go to
-    spool/failed/, and the next (good) series is still denoised and delivered."""
+    """A PET series with a missing slice, and one whose SeriesDate is malformed: the reader
+    refuses both; their files and reasons go to spool/failed/ (reason.txt stays there and says
+    so), no UID, date, path or malformed value reaches the log, and the next (good) series is
+    still denoised and delivered."""
     broken = tmp_path / "broken"
     shutil.copytree(assets["study"] / "pet", broken)
     middle = sorted(broken.iterdir())
     (middle[len(middle) // 2]).unlink()
+    bad_date = tmp_path / "bad_date"
+    bad_date.mkdir()
+    series = pydicom.uid.generate_uid()
+    for path in sorted((assets["study"] / "pet").iterdir()):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SeriesNumber = series, 77
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.SeriesDate = "1945X203"
+        ds.save_as(bad_date / path.name)
     run.pacs()
-    run.node(assets)
+    # A longer settle time: on a loaded machine storescu can pause a second between instances,
+    # and a series taken before it is whole is refused for its gap instead.
+    run.node(assets, settle_s=3.0)
     assert storescu(broken, run.node_port).returncode == 0
-    wait_until(lambda: "failed:" in run.log(), 60, "the refusal", run.node_log)
-    (failed,) = (run.spool / "failed").iterdir()
-    reason = (failed / "reason.txt").read_text()
-    assert "missing slice" in reason
-    assert len(list(failed.glob("*.dcm"))) == len(middle) - 1
+    assert storescu(bad_date, run.node_port).returncode == 0
+
+    def refused() -> dict[str, str]:
+        found = {}
+        for folder in (run.spool / "failed").iterdir():
+            if (folder / "reason.txt").is_file():
+                found[folder.name] = (folder / "reason.txt").read_text()
+        return found
+
+    wait_until(lambda: len(refused()) == 2 and any("is malformed" in r
+                                                   for r in refused().values()),
+               120, "the refusals", run.node_log)
+    reasons = refused()
+    assert len(reasons) == 2 and all(r.startswith("Why fed-ndif refused") and
+                                      "stays in the spool" in r for r in reasons.values())
+    (missing,) = [p for p, r in reasons.items() if "missing slice" in r]
+    assert len(list((run.spool / "failed" / missing).glob("*.dcm"))) == len(middle) - 1
+    (dated,) = [r for r in reasons.values() if "SeriesDate/SeriesTime is malformed" in r]
+    assert "not a valid DICOM date/time" in dated and "1945X203" not in dated
+    assert "series 77 [" in run.log() and "1945X203" not in run.log()
     assert echoscu(run.node_port).returncode == 0
     # The same series complete (another SOP instance set): processed normally.
     assert storescu(assets["study"] / "pet", run.node_port).returncode == 0
     wait_until(lambda: "delivered:" in run.log(), 120, "the good series", run.node_log)
-    run.check_log_clean()
+    run.check_log_clean(broken, bad_date, assets["study"] / "pet")
 
 
 def test_sigterm_finishes_the_current_step_and_a_restart_continues(assets, run):
@@ -229,7 +279,8 @@ def test_a_port_in_use_is_one_line_and_exit_2(assets, tmp_path, capsys):
         port = busy.getsockname()[1]
         code = main(["serve", "--checkpoint", str(assets["ckpt"]), "--ae-title", "NODE",
                      "--host", "127.0.0.1", "--port", str(port), "--destination",
-                     "PACS@127.0.0.1:104", "--spool", str(tmp_path / "spool"), "--device", "cpu"])
+                     "PACS@127.0.0.1:104", "--spool", str(tmp_path / "spool"), "--device", "cpu",
+                     "--allow", "STORESCU"])
     errors = [line for line in capsys.readouterr().err.splitlines()
               if line.startswith("fed-ndif serve:")]
     assert code == 2 and len(errors) == 1 and f"--port {port}" in errors[0], errors

@@ -20,6 +20,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import PositronEmissionTomographyImageStorage, Verification
 
 from fed_ndif.cli import main
+from fed_ndif.errors import FedNdifError
 from fed_ndif.node.config import NodeConfig, parse_destination, tls_contexts
 from fed_ndif.node.deliver import MAX_BACKOFF_S, backoff_s
 from fed_ndif.node.receive import (
@@ -28,7 +29,7 @@ from fed_ndif.node.receive import (
     OUT_OF_RESOURCES,
     Receiver,
 )
-from fed_ndif.node.spool import INCOMING, OUTBOX, WORK, Spool, uid_key
+from fed_ndif.node.spool import INCOMING, OUTBOX, REASON_NOTE, WORK, Spool
 from fed_ndif.runtime.processes import free_port
 from tests.helpers.dicom_factory import make_series
 from tests.helpers.dicom_node import tool
@@ -40,7 +41,7 @@ multiprocess = pytest.mark.multiprocess
 def node(tmp_path):
     spool = Spool(tmp_path / "spool")
     spool.prepare()
-    receiver = Receiver(spool, ae_title="NODE")
+    receiver = Receiver(spool, ae_title="NODE", allow=["TESTSCU"])
     port = free_port()
     receiver.start("127.0.0.1", port)
     yield spool, port
@@ -80,8 +81,8 @@ def test_a_stored_instance_is_in_the_spool_whole(node, series):
     spool, port = node
     ds = pydicom.dcmread(series[0])
     assert _store(port, ds) == 0
-    key = uid_key(str(ds.SeriesInstanceUID))
-    stored = spool.folder(INCOMING, key) / f"{ds.SOPInstanceUID}.dcm"
+    key = spool.uid_key(str(ds.SeriesInstanceUID))
+    stored = spool.folder(INCOMING, key) / spool.instance_name(str(ds.SOPInstanceUID))
     assert stored.is_file()
     again = pydicom.dcmread(stored)
     assert again.PixelData == ds.PixelData and again.SOPInstanceUID == ds.SOPInstanceUID
@@ -154,18 +155,19 @@ def test_spool_recovery_after_a_crash(tmp_path):
     both in work/ and outbox/ (crash between the two steps)."""
     spool = Spool(tmp_path)
     spool.prepare()
-    key = uid_key("1.2.3")
+    key = spool.uid_key("1.2.3")
     spool.store(b"data", series_uid="1.2.3", sop_uid="1.2.3.4", study_uid="1.2",
                 sop_class="1.2", modality="PT", number="5")
     (spool.folder(INCOMING, key) / ".tmp-abc.part").write_bytes(b"half")
     (spool.folder(OUTBOX) / f".{key}.tmp-x").mkdir()
-    other = uid_key("1.2.9")
+    other = spool.uid_key("1.2.9")
     spool.folder(WORK, other).mkdir()
     spool.folder(OUTBOX, other).mkdir()
     restarted = Spool(tmp_path)
     restarted.prepare()
     assert sorted(p.name for p in spool.folder(INCOMING, key).iterdir()) == sorted(
-        ["1.2.3.4.dcm", "series.json"])
+        [spool.instance_name("1.2.3.4"), "series.json"])
+    assert restarted.uid_key("1.2.3") == key  # the salt is kept: the same names after a restart
     assert restarted.keys(OUTBOX) == [other] and restarted.keys(WORK) == []
     assert not list(spool.folder(OUTBOX).glob(".*"))
     assert restarted.settled(0.0)[0][0].name == f"series 5 [{key[:8]}]"
@@ -202,7 +204,8 @@ def test_dicom_over_tls_with_client_certificates(tmp_path, series):
     server_tls, _ = tls_contexts(config)
     spool = Spool(tmp_path / "spool")
     spool.prepare()
-    receiver = Receiver(spool, ae_title="NODE", ssl_context=server_tls)
+    receiver = Receiver(spool, ae_title="NODE", allow=["TESTSCU", "ECHOSCU"],
+                        ssl_context=server_tls)
     port = free_port()
     receiver.start("127.0.0.1", port)
     try:
@@ -249,13 +252,14 @@ def test_destination_is_parsed():
     (["--tls-cert", "{tmp}/missing.crt", "--tls-key", "{tmp}/k"], "no such file"),
     (["--tls-ca", "{tmp}/ca.crt"], "--tls-ca"),
     (["--port", "70000"], "a port is 1 to 65535"),
+    (["--allow-any"], "--allow and --allow-any exclude each other"),
     ([], "checkpoint"),
 ])
 def test_bad_settings_are_one_line_and_exit_2(extra, message, tmp_path, capsys):
     (tmp_path / "ca.crt").write_text("x")
     argv = ["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--ae-title", "NODE",
             "--port", "11112", "--destination", "PACS@127.0.0.1:104", "--spool",
-            str(tmp_path / "spool")]
+            str(tmp_path / "spool"), "--allow", "SCANNER"]
     for option in [e.replace("{tmp}", str(tmp_path)) for e in extra]:
         argv.append(option)
     # Later options win in argparse: the case's value replaces the default one.
@@ -266,10 +270,30 @@ def test_bad_settings_are_one_line_and_exit_2(extra, message, tmp_path, capsys):
     assert not (tmp_path / "spool").exists()
 
 
+@pytest.mark.parametrize("allow", [[], ["--allow", ","]])
+def test_a_node_without_an_allow_list_refuses_to_start(allow, tmp_path, capsys):
+    """Closed by default: neither --allow nor --allow-any is one line and exit 2, before the
+    checkpoint is read or the spool made."""
+    argv = ["serve", "--checkpoint", str(tmp_path / "missing.pt"), "--ae-title", "NODE",
+            "--port", "11112", "--destination", "PACS@127.0.0.1:104", "--spool",
+            str(tmp_path / "spool"), *allow]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("fed-ndif serve: error: no sender is "
+                                                     "allowed"), errors
+    assert "--allow AET" in errors[0] and "--allow-any" in errors[0]
+    assert not (tmp_path / "spool").exists()
+
+
+def test_the_receiver_itself_refuses_an_empty_allow_list(tmp_path):
+    with pytest.raises(ValueError):
+        Receiver(Spool(tmp_path), ae_title="NODE")
+
+
 def test_instances_that_arrive_during_denoising_rejoin_their_series(tmp_path):
     spool = Spool(tmp_path)
     spool.prepare()
-    key = uid_key("1.2.3")
+    key = spool.uid_key("1.2.3")
 
     def store(sop: str) -> None:
         spool.store(sop.encode(), series_uid="1.2.3", sop_uid=sop, study_uid="1.2",
@@ -281,7 +305,8 @@ def test_instances_that_arrive_during_denoising_rejoin_their_series(tmp_path):
     store("1.3")  # late: while the taken series is being denoised
     spool.requeue(key)
     assert spool.keys(WORK) == []
-    assert [p.name for p in spool.instances(INCOMING, key)] == ["1.1.dcm", "1.2.dcm", "1.3.dcm"]
+    assert [p.name for p in spool.instances(INCOMING, key)] == sorted(
+        spool.instance_name(sop) for sop in ("1.1", "1.2", "1.3"))
     assert spool.settled(3600) == []  # it settles again from now
 
 
@@ -299,7 +324,7 @@ def _bare_node(tmp_path: Path):
 def _taken(node) -> str:
     node.spool.store(b"x", series_uid="1.2.3", sop_uid="1.1", study_uid="1.2",
                      sop_class="1.2.840.10008.5.1.4.1.1.128", modality="PT", number="7")
-    key = uid_key("1.2.3")
+    key = node.spool.uid_key("1.2.3")
     assert node.spool.take(key)
     return key
 
@@ -327,5 +352,27 @@ def test_a_series_the_reader_refuses_goes_to_failed_with_its_reason(tmp_path, ca
                                  state=None, device=None)
     assert node.step()
     failed = node.spool.folder("failed", key)
-    assert "DICOM" in (failed / "reason.txt").read_text()
+    reason = (failed / "reason.txt").read_text()
+    assert "DICOM" in reason and reason.startswith(REASON_NOTE)
     assert f"failed: series 7 [{key[:8]}]" in caplog.text
+    # The log names no path (the spool's, the file's) and no UID; reason.txt's detail may.
+    assert str(tmp_path) not in caplog.text and "1.2.3" not in caplog.text
+    assert "<series>" in caplog.text and f"detail: {node.spool.root}" in reason
+
+
+def test_an_implausible_liver_sends_the_series_to_failed(tmp_path, monkeypatch, caplog):
+    """The liver check refuses the series (no override at a node): failed/ with its reason."""
+    node = _bare_node(tmp_path)
+    key = _taken(node)
+
+    def implausible(*_args, **_kwargs):
+        raise FedNdifError("automatic liver VOI is implausible: its centre lies 80 mm to the "
+                           "patient's left of the body's midline; pass a liver mask "
+                           "(--liver-mask) or the noise level (--nstd)")
+
+    monkeypatch.setattr("fed_ndif.node.service.denoise_study", implausible)
+    assert node.step()
+    reason = (node.spool.folder("failed", key) / "reason.txt").read_text()
+    assert "reason: automatic liver VOI is implausible" in reason
+    assert node.spool.keys(WORK) == []
+    assert f"failed: series 7 [{key[:8]}]: automatic liver VOI is implausible" in caplog.text

@@ -109,3 +109,59 @@ def test_hole_filling_and_depth_on_the_masks_box_equal_the_whole_array(touches_e
     np.testing.assert_array_equal(nstd_module._fill_axial(mask), expected_fill)
     np.testing.assert_array_equal(nstd_module._depth(mask, spacing),
                                   ndimage.distance_transform_edt(mask, sampling=spacing))
+
+
+def _body_and_voi(*, x: slice, z: slice, suv: float = 2.0, length: int = 40):
+    """Canonical (x to the patient's right, y, z up) body box of 40 x 30 x ``length`` voxels of
+    5 mm, and a VOI box in it."""
+    shape = (40, 30, length)
+    canon = np.full(shape, 1.0, np.float32)
+    body = np.ones(shape, bool)
+    voi = np.zeros(shape, bool)
+    voi[x, 10:20, z] = True
+    canon[voi] = suv
+    return canon, voi, body, np.array([5.0, 5.0, 5.0])
+
+
+def test_a_plausible_voi_passes_the_check():
+    # Right of the midline (x index 20 is the middle), 1000 voxels of 0.125 ml: 125 ml.
+    nstd_module.check_liver_voi(*_body_and_voi(x=slice(24, 34), z=slice(20, 30)),
+                                lung_base=None)
+
+
+@pytest.mark.parametrize("case, message", [
+    ({"x": slice(4, 14), "z": slice(20, 30)}, "mm to the patient's left of the body's midline"),
+    ({"x": slice(24, 34), "z": slice(20, 30), "suv": 9.0}, "mean SUV 9.00 is outside"),
+    ({"x": slice(24, 25), "z": slice(20, 22)}, "it holds 2.5 ml"),
+    ({"x": slice(24, 34), "z": slice(5, 15), "length": 160}, "it lies in the lower"),
+])
+def test_an_implausible_voi_is_refused_in_one_line(case, message):
+    with pytest.raises(FedNdifError) as caught:
+        nstd_module.check_liver_voi(*_body_and_voi(**case), lung_base=None)
+    text = str(caught.value)
+    assert message in text and "\n" not in text
+    assert text.endswith("pass a liver mask (--liver-mask) or the noise level (--nstd)")
+
+
+def test_implausible_nstd_is_refused():
+    nstd_module.check_nstd(0.2, "automatic liver VOI")
+    for value in (0.001, 1.5, float("nan")):
+        with pytest.raises(FedNdifError, match="is implausible"):
+            nstd_module.check_nstd(value, "automatic liver VOI")
+
+
+def test_a_body_without_liver_uptake_is_refused_and_a_mask_overrides():
+    """No liver to find (its uptake gone): the finder settles on a region left of the midline,
+    far below the right lung (with a noise level of 0.2-0.4, as a liver's would be); the
+    check refuses it in one line, and the user's mask still gives an NSTD."""
+    phantom, volumes, liver = _subject(1)
+    array = volumes[0.25].array.copy()
+    array[phantom.organs == Organ.LIVER] *= 0.2
+    cold = Volume(array, volumes[0.25].affine)
+    with pytest.raises(FedNdifError) as caught:
+        measure_liver_nstd(cold)
+    text = str(caught.value)
+    assert text.startswith("automatic liver VOI is implausible") and "\n" not in text
+    assert "to the patient's left" in text and "below the base of the right lung" in text
+    value, how = measure_liver_nstd(cold, liver)
+    assert how == "liver mask" and 0 < value < 1

@@ -137,8 +137,9 @@ def test_pairs_file_columns_and_unknown_series(tmp_path):
 
 def test_pseudonyms_are_stable_and_carry_no_identity():
     studies = {"1.2.3.4.5": "MRN1", "1.2.3.4.6": "MRN1", "1.2.3.4.7": "MRN2"}
-    names = pseudonyms(studies)
-    assert names == pseudonyms(dict(reversed(list(studies.items()))))
+    salt = b"\x01" * 32
+    names = pseudonyms(studies, salt)
+    assert names == pseudonyms(dict(reversed(list(studies.items()))), salt)
     assert {n.subject for n in names.values()} == {"sub-001", "sub-002"}
     assert names["1.2.3.4.5"].subject == names["1.2.3.4.6"].subject
     assert {names["1.2.3.4.5"].study, names["1.2.3.4.6"].study} == {"study-1", "study-2"}
@@ -151,6 +152,15 @@ def test_scrub_removes_paths_and_uids():
     assert "DOE" not in clean and "1.2.840" not in clean
     assert clean == ("<file>: inconsistent PixelSpacing: <file> has [1] in series <uid> "
                      "(SUV 2.5, version 1.2)")
+    dated = scrub("scanned 20240115 at 2024-01-15 10:00 (scale 1.20240115, 120240115 counts)")
+    assert dated == "scanned <date> at <date> 10:00 (scale 1.20240115, 120240115 counts)"
+
+
+def test_one_line_never_repeats_a_quoted_value():
+    from fed_ndif.data.dicom.series import one_line
+
+    text = one_line(ValueError("Unable to convert non-conformant value '1945X2' to 'DA'"))
+    assert "1945X2" not in text and text.startswith("ValueError: Unable to convert")
 
 
 def test_scan_keeps_what_suv_needs_and_drops_private_blobs(tmp_path):

@@ -172,3 +172,38 @@ def test_training_leaves_out_the_sites_held_out_levels(site, tmp_path):
     held = f"data.held_out_levels=[{{site:{site.parent.name},levels:[0.1]}}]"
     with pytest.raises(FedNdifError, match="no studies in split train"):
         train_local(site, tmp_path / "out", overrides=["model=tiny", "train.steps=1", held])
+
+
+def test_a_resumed_run_keeps_its_best_model_and_patience(site, tmp_path, monkeypatch):
+    """keep_best with --resume: a run interrupted after its best step (step 1) and resumed
+    keeps that best (best.pt, selection.json) and counts patience on from where it stopped;
+    a fresh selection would take step 3 as the best and train on to step 4."""
+    import fed_ndif.training.trainer as trainer
+
+    scores = {0: 10.0, 1: 12.0, 2: 11.0, 3: 11.5, 4: 11.8}
+    interrupt = {"at": 3}
+
+    def scripted(state, _val_sets):
+        if state.step == interrupt["at"]:
+            raise KeyboardInterrupt
+        return {"val_psnr": scores[state.step], "val_ssim": 0.5, "val_nmse": 0.1}
+
+    monkeypatch.setattr(trainer, "_validation", scripted)
+    out = tmp_path / "run"
+    overrides = ["model=tiny", "model.k=1", "model.diffusion_net.channels=[8,16,16]",
+                 "model.diffusion_net.num_head_channels=8",
+                 "model.diffusion_net.norm_num_groups=4", "train.steps=4", "train.batch_size=2",
+                 "train.log_every=1", "train.val_every=1", "train.checkpoint_every=1",
+                 "train.keep_best=true", "train.patience=2", "train.device=cpu"]
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train_local(site, out, overrides=overrides)
+    assert load_checkpoint(out / "last.pt").step == 2
+    assert load_checkpoint(out / "best.pt").step == 1
+    interrupt["at"] = None
+    trainer.train_local(site, out, overrides=overrides, resume=True)
+    chosen = json.loads((out / "selection.json").read_text())
+    assert chosen["best_step"] == 1 and chosen["val_psnr_best"] == 12.0
+    assert chosen["val_psnr_start"] == 10.0
+    assert load_checkpoint(out / "best.pt").step == 1
+    # Patience 2 counts steps 2 and 3 without a gain: it stops at 3, not 4.
+    assert load_checkpoint(out / "last.pt").step == 3

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from fed_ndif.data.manifest import Study, at_level, read_manifest
 from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.normalization import Normalization
-from fed_ndif.data.nstd import find_liver_voi, liver_nstd
+from fed_ndif.data.nstd import check_nstd, find_liver_voi, liver_nstd
 from fed_ndif.data.resolution import site_resolution
 from fed_ndif.data.volume import Volume
 from fed_ndif.errors import FedNdifError
@@ -107,7 +107,9 @@ def study_nstd(study: Study, low: Volume, full: Volume, *,
         if study.liver_mask is None:
             if study.full_count not in vois:
                 vois[study.full_count] = find_liver_voi(full)
-            return liver_nstd(low.array, vois[study.full_count], erode=0)
+            nstd = liver_nstd(low.array, vois[study.full_count], erode=0)
+            check_nstd(nstd, "automatic liver VOI")
+            return nstd
         return liver_nstd(low.array, load_nifti(study.liver_mask).array)
     except FedNdifError as exc:
         where = study.liver_mask or study.full_count

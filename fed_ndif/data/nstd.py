@@ -25,6 +25,17 @@ MAX_LOCAL_CV = 0.25
 SIMILAR_UPTAKE = 0.3
 VOI_MIN_RADIUS_MM = 15.0  # 3 cm diameter, the PERCIST liver VOI
 VOI_MAX_RADIUS_MM = 60.0
+# Plausibility of an automatic VOI before its NSTD is used (see check_liver_voi).
+VOI_MIN_ML = 5.0
+VOI_MEAN_SUV = (0.8, 4.5)  # liver SUVmean (body weight) in FDG PET, with margin
+# The VOI's centre lies on the patient's right of the body's midline, or within this much of it
+# (the liver crosses the midline; a coarse grid or a rotated body moves the estimate).
+MIN_RIGHT_MM = -15.0
+MAX_BELOW_LUNG_MM = 150.0  # the liver's centre below the base of the right lung, at most
+LONG_BODY_MM = 700.0  # a field of view this long shows where the upper abdomen is
+UPPER_FRACTION = 0.6  # ... and the liver lies in the upper 60 % of it
+NSTD_RANGE = (0.005, 1.0)  # wide: only what no liver of full to 1 % count PET shows
+OVERRIDE = "pass a liver mask (--liver-mask) or the noise level (--nstd)"
 
 
 def liver_nstd(volume: np.ndarray, liver_mask: np.ndarray, *, erode: int = 1) -> float:
@@ -201,16 +212,75 @@ def find_liver_voi(volume: Volume) -> np.ndarray:
     if voi.sum() < MIN_LIVER_VOXELS:
         raise FedNdifError(f"automatic liver VOI holds only {int(voi.sum())} voxels; pass a liver "
                            "mask")
+    lung_base = None
+    if lung is not None:
+        area = lung.sum(axis=(0, 1))
+        lung_base = int(np.flatnonzero(area >= 0.1 * area.max())[0])
+    check_liver_voi(canon, voi, body, spacing, lung_base)
     log.debug("automatic liver VOI: %d voxels, %s", int(voi.sum()), where)
     return np.ascontiguousarray(apply_orientation(voi, back).transpose(2, 1, 0).astype(bool))
 
 
+def check_liver_voi(canon: np.ndarray, voi: np.ndarray, body: np.ndarray, spacing: np.ndarray,
+                    lung_base: int | None) -> None:
+    """Refuse (one line) an automatic VOI that cannot be the liver: on the patient's left, low
+    in a long body, too small, or with an uptake no liver has. ``canon``, ``voi`` and ``body``
+    are in canonical RAS voxel order (x to the patient's right, z up), ``spacing`` in mm.
+
+    Height: with the right lung found (``lung_base``, its base's slice), the VOI's centre lies
+    at most MAX_BELOW_LUNG_MM below that base (the liver's dome sits under the right lung);
+    without it, in the upper part of a long field of view."""
+    xs = np.nonzero(body.any(axis=(1, 2)))[0]
+    zs = np.nonzero(body.any(axis=(0, 1)))[0]
+    vx, _, vz = (np.nonzero(voi)[i].mean() for i in range(3))
+    midline = (float(xs[0]) + float(xs[-1])) / 2.0
+    right_mm = (vx - midline) * spacing[0]
+    problems = []
+    if right_mm < MIN_RIGHT_MM:
+        problems.append(f"its centre lies {-right_mm:.0f} mm to the patient's left of the "
+                        "body's midline (the liver is in the right upper abdomen; the patient's "
+                        "right is read from the series' orientation)")
+    length = (zs[-1] - zs[0] + 1) * spacing[2]
+    log.debug("automatic liver VOI centre: %.0f mm below the lung base",
+              (lung_base - vz) * spacing[2] if lung_base is not None else float("nan"))
+    if lung_base is not None:
+        below = (lung_base - vz) * spacing[2]
+        if below > MAX_BELOW_LUNG_MM:
+            problems.append(f"its centre lies {below:.0f} mm below the base of the right lung "
+                            f"(the liver sits under it, at most {MAX_BELOW_LUNG_MM:g} mm)")
+    elif length >= LONG_BODY_MM:
+        height = (vz - zs[0]) / max(zs[-1] - zs[0], 1)
+        if height < 1.0 - UPPER_FRACTION:
+            problems.append(f"it lies in the lower {100 * height:.0f} % of the body's "
+                            f"{length / 10:.0f} cm (the liver is in the upper abdomen)")
+    ml = float(voi.sum() * np.prod(spacing)) / 1000.0
+    if ml < VOI_MIN_ML:
+        problems.append(f"it holds {ml:.1f} ml (at least {VOI_MIN_ML:g} ml)")
+    mean = float(canon[voi].mean())
+    low, high = VOI_MEAN_SUV
+    if not low <= mean <= high:
+        problems.append(f"its mean SUV {mean:.2f} is outside the liver's {low}-{high}")
+    if problems:
+        raise FedNdifError("automatic liver VOI is implausible: " + "; ".join(problems)
+                           + f"; {OVERRIDE}")
+
+
+def check_nstd(nstd: float, how: str) -> None:
+    """Refuse an NSTD no liver of a clinical or low-count PET scan has."""
+    low, high = NSTD_RANGE
+    if not (np.isfinite(nstd) and low <= nstd <= high):
+        raise FedNdifError(f"liver NSTD {nstd:.4f} ({how}) is implausible: PET scans from full "
+                           f"to 1 % count stay within {low}-{high}; {OVERRIDE}")
+
+
 def measure_liver_nstd(volume: Volume, liver_mask: np.ndarray | None = None) -> tuple[float, str]:
-    """Liver NSTD of ``volume`` and how the liver was found (mask or automatic VOI)."""
+    """Liver NSTD of ``volume`` and how the liver was found (mask or automatic VOI). An
+    automatic VOI and its NSTD are checked for plausibility; a mask is the user's word."""
     if liver_mask is not None:
         return liver_nstd(volume.array, liver_mask), "liver mask"
     voi = find_liver_voi(volume)
     nstd = liver_nstd(volume.array, voi, erode=0)
+    check_nstd(nstd, "automatic liver VOI")
     k, j, i = (float(np.mean(axis)) for axis in np.nonzero(voi))
     x, y, z = (volume.affine @ np.array([i, j, k, 1.0]))[:3]
     return nstd, f"automatic liver VOI at ({x:.0f}, {y:.0f}, {z:.0f}) mm (RAS)"

@@ -21,7 +21,7 @@ from fed_ndif.checkpoints import load_checkpoint, sampler_config
 from fed_ndif.data.dataset import split_studies
 from fed_ndif.data.manifest import Study
 from fed_ndif.data.nifti import load_nifti
-from fed_ndif.data.nstd import find_liver_voi, liver_nstd
+from fed_ndif.data.nstd import check_nstd, find_liver_voi, liver_nstd
 from fed_ndif.data.resolution import site_resolution
 from fed_ndif.data.volume import Volume
 from fed_ndif.errors import FedNdifError
@@ -61,7 +61,11 @@ class TestStudy:
 
     @functools.cached_property
     def nstd(self) -> float:
-        return self.liver_nstd(self.low)
+        """The input's NSTD, what the models are conditioned on (checked when automatic)."""
+        nstd = self.liver_nstd(self.low)
+        if self.automatic_liver:
+            check_nstd(nstd, "automatic liver VOI")
+        return nstd
 
     def liver_nstd(self, volume: np.ndarray) -> float:
         """NSTD of ``volume`` in this study's liver (an automatic VOI is used as found)."""

@@ -13,6 +13,9 @@ from fed_ndif.errors import FedNdifError
 from fed_ndif.node.deliver import Destination
 
 DEFAULT_SETTLE_S = 10.0
+# Loopback unless the hospital names the interface: a node that takes patient data listens on
+# the hospital network only when someone decided it should.
+DEFAULT_HOST = "127.0.0.1"
 # AE titles: 1-16 characters of the default repertoire, no backslash or control characters.
 _AE_TITLE = re.compile(r"^[ -\[\]-~]{1,16}$")
 
@@ -24,9 +27,10 @@ class NodeConfig:
     port: int
     destination: str  # AET@HOST:PORT
     spool: Path
-    host: str = "0.0.0.0"
+    host: str = DEFAULT_HOST
     settle_s: float = DEFAULT_SETTLE_S
     allow: list[str] = field(default_factory=list)
+    allow_any: bool = False  # accept any calling AE title: only when asked for by name
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
@@ -115,6 +119,15 @@ def check_config(config: NodeConfig) -> None:
     _check_port(config.port, "--port")
     for title in config.allow:
         check_ae_title(title, "--allow")
+    if config.allow and config.allow_any:
+        raise FedNdifError("--allow and --allow-any exclude each other: name the senders, or "
+                           "accept any")
+    if not config.allow and not config.allow_any:
+        raise FedNdifError("no sender is allowed: name the calling AE titles that may send "
+                           "studies with --allow AET ... (the scanner's, the PACS's), or pass "
+                           "--allow-any to accept any caller")
+    if not config.host.strip():
+        raise FedNdifError("--host is empty: give the address of the interface to listen on")
     if not config.settle_s > 0:
         raise FedNdifError(f"--settle-seconds {config.settle_s}: must be more than 0")
     spool = Path(config.spool)

@@ -23,6 +23,7 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from fed_ndif.data.dicom.derived import derived_reason
 from fed_ndif.node.spool import Spool, is_uid
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,11 @@ class Receiver:
     """Binds the storage SCP to a spool; one instance per node."""
 
     def __init__(self, spool: Spool, *, ae_title: str, allow: list[str] | None = None,
-                 ssl_context: ssl.SSLContext | None = None, max_associations: int = 10) -> None:
+                 allow_any: bool = False, ssl_context: ssl.SSLContext | None = None,
+                 max_associations: int = 10) -> None:
+        """``allow``: the calling AE titles accepted; any caller only with ``allow_any``."""
+        if not allow and not allow_any:
+            raise ValueError("name the calling AE titles to accept, or pass allow_any=True")
         self.spool = spool
         self.ae = AE(ae_title=ae_title)
         self.ae.maximum_associations = max_associations
@@ -147,7 +152,8 @@ class Receiver:
             meta = self.spool.store(
                 data, series_uid=str(series_uid), sop_uid=str(sop_uid), study_uid=str(study_uid),
                 sop_class=str(sop_class), modality=str(ds.get("Modality", "") or "?"),
-                number=str(ds.get("SeriesNumber", "") or "?"))
+                number=str(ds.get("SeriesNumber", "") or "?"),
+                derived=derived_reason(ds) or "")
         except OSError as exc:
             why = "disk full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
             log.error("could not spool an instance (%s): the sender was told it failed", why)

@@ -13,10 +13,12 @@ import logging
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fed_ndif.data.dicom.series import PET_IMAGE_STORAGE
+from fed_ndif.data.prepare.privacy import scrub
 from fed_ndif.errors import FedNdifError
 from fed_ndif.inference import DENOISED_SERIES, LoadedModel, denoise_study, load_model
 from fed_ndif.node.config import NodeConfig, check_config, parse_destination, tls_contexts
@@ -61,11 +63,14 @@ class Node:
         except OSError as exc:
             raise FedNdifError(f"--port {self.config.port}: cannot listen on {self.config.host} "
                                f"({exc.strerror or exc})") from None
-        log.info("listening as %s on %s:%d%s; callers %s; destination %s; spool %s; settle %g s;"
-                 " model on %s, %s", self.config.ae_title, self.config.host, self.config.port,
-                 " (TLS)" if self.receiver.ssl_context else "",
-                 " ".join(self.config.allow) or "any", self.destination, self.config.spool,
-                 self.config.settle_s, self.model.device, self.model.engine)
+        callers = (" ".join(self.config.allow) if self.config.allow else
+                   "ANY calling AE title (--allow-any: whoever reaches this address can send "
+                   "patient data; name the senders with --allow)")
+        log.log(logging.WARNING if self.config.allow_any else logging.INFO,
+                "listening as %s on %s:%d%s; callers %s; destination %s; spool %s; settle %g s;"
+                " model on %s, %s", self.config.ae_title, self.config.host, self.config.port,
+                " (TLS)" if self.receiver.ssl_context else "", callers, self.destination,
+                self.config.spool, self.config.settle_s, self.model.device, self.model.engine)
         try:
             while not self.stopping.is_set():
                 try:
@@ -95,6 +100,12 @@ class Node:
             return True
         for meta, study_settled in self.spool.settled(self.config.settle_s):
             if meta.sop_class == PET_IMAGE_STORAGE and meta.modality.upper() == "PT":
+                if meta.derived:  # our own output sent back, or another program's
+                    count = len(self.spool.instances(INCOMING, meta.key))
+                    self.spool.drop(meta.key)
+                    log.info("dropped: %s (PET, %d instances): %s; only acquisitions are "
+                             "denoised", meta.name, count, meta.derived)
+                    return True
                 if not self.spool.instances(INCOMING, meta.key):
                     self.spool.drop(meta.key)
                     continue
@@ -123,12 +134,11 @@ class Node:
                       exc.strerror or exc, WORK_PAUSE_S)
             return
         except FedNdifError as exc:
-            where = self.spool.fail(key, str(exc))
-            log.error("failed: %s: %s (moved to %s)", meta.name, exc, where)
+            self._fail(key, meta, str(exc))
             return
         except Exception as exc:  # a bug must not stop the node; the series is kept
-            where = self.spool.fail(key, f"{exc.__class__.__name__}: {exc}")
-            log.exception("failed: %s: unexpected error (moved to %s)", meta.name, where)
+            log.debug("unexpected error while denoising %s", meta.name, exc_info=True)
+            self._fail(key, meta, f"unexpected error {exc.__class__.__name__}: {exc}")
             return
         late = len(self.spool.instances(INCOMING, key))
         if late:  # the series was not complete: its derived series would not be either
@@ -141,6 +151,14 @@ class Node:
         self.spool.finish_work(key)
         log.info("denoised: %s in %.1f s (%.1f s sampling, liver NSTD %.4f)", meta.name,
                  time.perf_counter() - started, result.sampling_seconds, result.nstd)
+
+    def _fail(self, key: str, meta: SeriesMeta, detail: str, state: str = WORK) -> None:
+        """Move the series to failed/ with its reason: the log line and reason.txt's reason
+        carry no path, UID or date; reason.txt (which stays in the spool) also the detail."""
+        reason = scrub(detail, roots=[self.spool.folder(state, key), self.spool.root,
+                                      self.spool.root.resolve()], root_name="<series>")
+        self.spool.fail(key, reason, state, detail=detail)
+        log.error("failed: %s: %s (kept in failed/%s with reason.txt)", meta.name, reason, key)
 
     def _deliver(self, key: str, retry: _Retry) -> None:
         files = sorted((self.spool.folder(OUTBOX, key) / DENOISED_SERIES).glob("*.dcm"))
@@ -155,8 +173,10 @@ class Node:
                         key[:8], self.destination, pause, retry.failures, exc)
             return
         except Exception as exc:  # unreadable outbox files: never retried in a loop
-            log.exception("failed: derived series [%s] cannot be sent", key[:8])
-            self.spool.fail(key, f"{exc.__class__.__name__}: {exc}", OUTBOX)
+            log.debug("derived series [%s] cannot be sent", key[:8], exc_info=True)
+            self._fail(key, SeriesMeta(key, "", "", "", "?"),
+                       f"the derived series cannot be sent: {exc.__class__.__name__}: {exc}",
+                       OUTBOX)
             self.retries.pop(key, None)
             return
         self.spool.remove_derived(key)
@@ -187,15 +207,19 @@ def build_node(config: NodeConfig) -> Node:
         log.info("resuming: %d series settling, %d to denoise, %d to deliver",
                  pending[INCOMING], pending[WORK], pending[OUTBOX])
     receiver = Receiver(spool, ae_title=config.ae_title, allow=config.allow,
-                        ssl_context=server_tls)
+                        allow_any=config.allow_any, ssl_context=server_tls)
     return Node(config=config, model=model, destination=destination, spool=spool,
                 receiver=receiver)
 
 
 def run_node(config: NodeConfig) -> None:
     """``fed-ndif serve``: run until SIGTERM or SIGINT, then stop cleanly."""
-    # pynetdicom logs whole data sets (patient names included) at debug level: keep it quiet.
+    # pynetdicom logs whole data sets (patient names included) at debug level, and pydicom's
+    # validation warnings quote the values they find malformed (a date, a name): keep both
+    # quiet; the node's own lines say what went wrong.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"pydicom(\..*)?$")
     node = build_node(config)
     previous = {sig: signal.signal(sig, node.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -7,18 +7,26 @@ Each series moves through folders by atomic renames, and its place says what is 
     outbox/<key>/     the derived series, written complete (staged), waiting for delivery
     failed/<key>/     a series the reader refused, with reason.txt
 
-``<key>`` is a short hash of the SeriesInstanceUID: folder names and log lines never carry
-patient data. An instance is staged and renamed into ``incoming/`` (after an fsync) before the
-sender hears success, so an acknowledged instance survives ``kill -9``.
+``<key>`` is a keyed hash (HMAC-SHA-256) of the SeriesInstanceUID under the spool's secret salt
+(``SPOOL/salt``, made at the first start, readable by the node's user only), and instances are
+named by the same keyed hash of their SOPInstanceUID: folder names, file names and log lines
+never carry a UID or patient data, and whoever holds a list of UIDs cannot match them to the
+log without the salt. An instance is staged and renamed into ``incoming/`` (after an fsync)
+before the sender hears success, so an acknowledged instance survives ``kill -9``.
+
+``failed/<key>/reason.txt`` says why a series was refused, in more detail than the log (which
+instance file); it stays in the spool beside the images it explains, and says so.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
 import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -41,9 +49,11 @@ def is_uid(value: object) -> bool:
     return len(text) <= 64 and bool(_UID.match(text))
 
 
-def uid_key(uid: str) -> str:
-    """A series' (or study's) folder and log name: 16 hex digits of its UID's hash."""
-    return hashlib.sha256(uid.encode()).hexdigest()[:16]
+SALT = "salt"
+REASON_NOTE = ("Why fed-ndif refused this series. This file stays in the spool beside the "
+               "series' images (they identify the patient; this text names none of them, but "
+               "its detail names their files): do not copy it out of the spool; delete the "
+               "folder when dealt with.")
 
 
 @dataclass(frozen=True)
@@ -51,10 +61,11 @@ class SeriesMeta:
     """What the node needs to know about a spooled series (no patient data)."""
 
     key: str
-    study: str  # uid_key of the StudyInstanceUID
+    study: str  # the keyed hash of the StudyInstanceUID
     sop_class: str
     modality: str
     number: str  # SeriesNumber, "?" when absent
+    derived: str = ""  # why it is not an acquisition (never denoised), or ""
 
     @property
     def name(self) -> str:
@@ -67,6 +78,7 @@ class Spool:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._salt: bytes | None = None
         self._lock = threading.Lock()
         self.last_arrival: dict[str, float] = {}  # series key -> monotonic time
         self.study_arrival: dict[str, float] = {}  # study key -> monotonic time
@@ -80,6 +92,7 @@ class Spool:
         acknowledged, staged outputs never renamed). Pending series settle afresh."""
         for state in (INCOMING, WORK, OUTBOX, FAILED):
             self.folder(state).mkdir(parents=True, exist_ok=True)
+        self._load_salt()
         for stale in [*self.folder(INCOMING).glob("*/.tmp-*"), *self.folder(INCOMING).glob(".*"),
                       *self.folder(OUTBOX).glob(".*"), *self.folder(FAILED).glob(".*")]:
             remove_path(stale)
@@ -94,6 +107,35 @@ class Spool:
         for key in self.keys(WORK):
             if self.folder(OUTBOX, key).exists():  # denoised before the crash
                 remove_path(self.folder(WORK, key))
+
+    def _load_salt(self) -> bytes:
+        """The spool's secret salt, made (owner-only) the first time."""
+        if self._salt is None:
+            path = self.root / SALT
+            try:
+                salt = bytes.fromhex(path.read_text().strip())
+            except FileNotFoundError:
+                salt = secrets.token_bytes(32)
+                with staged_file(path, suffix=".salt") as tmp:
+                    os.chmod(tmp, 0o600)
+                    tmp.write_text(salt.hex() + "\n")
+            except ValueError:
+                salt = b""
+            if len(salt) < 16:
+                raise OSError(f"{path} is not a salt file (hex text of 32 bytes); remove it to "
+                              "make a new one")
+            self._salt = salt
+        return self._salt
+
+    def uid_key(self, uid: str) -> str:
+        """A series' (or study's) folder and log name: 16 hex digits of its UID's keyed hash."""
+        return hmac.new(self._load_salt(), uid.encode(), hashlib.sha256).hexdigest()[:16]
+
+    def instance_name(self, sop_uid: str) -> str:
+        """An instance's file name: its SOPInstanceUID's keyed hash (the same instance sent
+        twice is one file)."""
+        digest = hmac.new(self._load_salt(), b"instance " + sop_uid.encode(), hashlib.sha256)
+        return f"{digest.hexdigest()[:32]}.dcm"
 
     def keys(self, state: str) -> list[str]:
         base = self.folder(state)
@@ -111,12 +153,12 @@ class Spool:
     # -- receiving ---------------------------------------------------------------------------
 
     def store(self, data: bytes, *, series_uid: str, sop_uid: str, study_uid: str,
-              sop_class: str, modality: str, number: str) -> SeriesMeta:
+              sop_class: str, modality: str, number: str, derived: str = "") -> SeriesMeta:
         """Write one received instance durably into ``incoming/``; raises OSError (disk full,
         permissions), and then nothing of it stays. Returns the series' metadata."""
-        key = uid_key(series_uid)
-        meta = SeriesMeta(key=key, study=uid_key(study_uid), sop_class=sop_class,
-                          modality=modality, number=number)
+        key = self.uid_key(series_uid)
+        meta = SeriesMeta(key=key, study=self.uid_key(study_uid), sop_class=sop_class,
+                          modality=modality, number=number, derived=derived)
         # One lock for writing and for taking a series to work: a series folder is never
         # renamed while an instance is being written into it.
         with self._lock:
@@ -125,7 +167,7 @@ class Spool:
                 _write_durably(folder / META, json.dumps(meta.__dict__).encode())
             else:
                 meta = self.meta(INCOMING, key) or meta
-            _write_durably(folder / f"{sop_uid}.dcm", data)
+            _write_durably(folder / self.instance_name(sop_uid), data)
             now = time.monotonic()
             self.last_arrival[key] = now
             self.study_arrival[meta.study] = now
@@ -185,13 +227,17 @@ class Spool:
         """The derived series is in ``outbox/``: the source is no longer needed."""
         remove_path(self.folder(WORK, key))
 
-    def fail(self, key: str, reason: str, state: str = WORK) -> Path:
-        """work (or outbox) -> failed, with the reason beside the files."""
+    def fail(self, key: str, reason: str, state: str = WORK, detail: str = "") -> Path:
+        """work (or outbox) -> failed, with the reason (and its detail, which may name the
+        series' files) beside the files, in reason.txt."""
         target = self.folder(FAILED, key)
         if target.exists():  # the same series failed before: keep the latest
             remove_path(target)
         os.rename(self.folder(state, key), target)
-        (target / REASON).write_text(reason + "\n")
+        text = f"{REASON_NOTE}\n\nreason: {reason}\n"
+        if detail and detail != reason:
+            text += f"detail: {detail}\n"
+        (target / REASON).write_text(text)
         return target
 
     def instances(self, state: str, key: str) -> list[Path]:

@@ -275,6 +275,8 @@ def train_sites(cfg: dict[str, Any], manifests: list[Path], out_dir: Path, *,
     log.info("training on %s (%s, k=%d) from step %d to %d",
              ", ".join(m.parent.name for m in manifests), state.kind, k, state.step, total)
     selection = _Selection(out_dir) if train.get("keep_best") and val_sets else None
+    if selection is not None and resume and state.selection:
+        selection.restore(state.selection)  # the best so far, and the checks since it
     with (out_dir / "metrics.jsonl").open("a") as metrics_file:
         if selection is not None and state.step == 0:
             if rival is not None:
@@ -298,6 +300,8 @@ def train_sites(cfg: dict[str, Any], manifests: list[Path], out_dir: Path, *,
                 selection.consider(state, record)
                 stop = selection.exhausted(int(train.get("patience", 0)))
             if stop or state.step % ckpt_every == 0 or state.step == total:
+                if selection is not None:
+                    state.selection = selection.state()
                 save_checkpoint(state, last)
             if stop:
                 log.info("no validation gain in %d checks: stopping at step %d",
@@ -343,6 +347,22 @@ class _Selection:
             save_checkpoint(state, self.out_dir / BEST_CHECKPOINT)
         else:
             self.since_best += 1
+
+    _KEPT = ("best_step", "best_psnr", "start_psnr", "rival_psnr", "since_best")
+
+    def state(self) -> dict[str, Any]:
+        """What a resumed run needs to go on choosing where this one stopped."""
+        kept = {name: getattr(self, name) for name in self._KEPT}
+        return {**kept, "rival": str(self.rival) if self.rival is not None else None}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        for name in self._KEPT:
+            if name in saved:
+                setattr(self, name, type(getattr(self, name))(saved[name]))
+        if saved.get("rival"):
+            self.rival = Path(saved["rival"])
+        log.info("resuming the selection: best so far step %d (validation PSNR %.3f dB), %d "
+                 "check(s) since", self.best_step, self.best_psnr, self.since_best)
 
     def exhausted(self, patience: int) -> bool:
         return patience > 0 and self.since_best >= patience

@@ -83,6 +83,8 @@ def start_node(*, checkpoint: Path, spool: Path, port: int, destination_port: in
                "--settle-seconds", str(settle_s), "--device", "cpu",
                "--threads", str(threads),
                *(["--steps", str(steps)] if steps else []), *(extra or [])]
+    if not {"--allow", "--allow-any"} & set(extra or []):
+        command += ["--allow", "STORESCU", "ECHOSCU"]  # dcmtk's default calling AE titles
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     node = _start(command, log, env)
     wait_until(lambda: "listening as NODE" in node.text() or node.process.poll() is not None,
@@ -147,6 +149,27 @@ def received_series(folder: Path) -> dict[str, set[str]]:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             series.setdefault(str(ds.SeriesInstanceUID), set()).add(str(ds.SOPInstanceUID))
     return series
+
+
+def identifiers(folder: Path) -> set[str]:
+    """What identifies the sent study besides the planted names: its UIDs, its dates (as DICOM
+    stores them and in ISO form) and its files' paths. None of it may reach the node's log."""
+    found = {str(folder), str(folder.resolve())}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        found.add(str(path))
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+                        "FrameOfReferenceUID"):
+            if keyword in ds:
+                found.add(str(ds[keyword].value))
+        # (Not ContentDate: a derived series was made today, the date of the log's own stamps.)
+        for keyword in ("StudyDate", "SeriesDate", "AcquisitionDate", "PatientBirthDate"):
+            text = str(ds.get(keyword, "") or "")
+            if len(text) == 8 and text.isdigit():
+                found |= {text, f"{text[:4]}-{text[4:6]}-{text[6:]}"}
+            elif text:
+                found.add(text)  # a malformed date, quoted as it is
+    return found
 
 
 def plant(ds: pydicom.Dataset) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +44,15 @@ class DicomFile:
     force: bool  # not a standard Part 10 file (no preamble, or no file meta)
 
 
+# A quoted value inside another library's message (pydicom quotes the malformed DA/TM/DT or
+# name it could not convert): it may be a patient's date or name, so it is never repeated.
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|b'[^']*'")
+
+
 def one_line(exc: BaseException) -> str:
-    """An exception as one short line, for an error message that names its cause."""
-    text = " ".join(str(exc).split())
+    """An exception as one short line, for an error message that names its cause; quoted
+    values in it are left out (they can be header values)."""
+    text = _QUOTED.sub("<value>", " ".join(str(exc).split()))
     return f"{exc.__class__.__name__}: {text[:160]}" if text else exc.__class__.__name__
 
 
@@ -65,13 +72,19 @@ def _set_transfer_syntax(ds: Dataset) -> None:
 
 
 def open_dicom(path: Path, *, force: bool, stop_before_pixels: bool) -> Dataset:
-    """Read a DICOM file: Part 10, or raw (no preamble, no 'DICM', no file meta: ``force``).
+    """Read a DICOM file: Part 10, or raw (no preamble, no 'DICM', no file meta: ``force``,
+    or read by pydicom without it); a file without file meta gets the transfer syntax its
+    bytes were parsed with.
 
     A file that starts with 'DICM' (the preamble cut off, the file meta kept) is read with a
     blank preamble put back, so its file meta, and with it the transfer syntax, is honoured.
     """
     if not force:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        # A Part 10 file whose file meta lacks (0002,0010) (old exports) reads without force,
+        # with the transfer syntax unset: take it from how the data set itself was encoded.
+        _set_transfer_syntax(ds)
+        return ds
     with path.open("rb") as handle:
         prefix = handle.read(4)
     if prefix == b"DICM":

@@ -19,6 +19,11 @@ from fed_ndif.errors import FedNdifError
 log = logging.getLogger(__name__)
 
 
+def _why(exc: ValueError) -> str:
+    """Why a date or time could not be read, without the value (a date can identify)."""
+    return f"not a valid DICOM date/time; {one_line(exc)}"
+
+
 def _date(value: Any) -> date | None:
     """A DA value; ISO dashes and dots are allowed and characters past the eighth ignored."""
     text = str(value or "").strip().replace(".", "").replace("-", "")
@@ -70,7 +75,7 @@ def _timestamp(f: DicomFile, what: str, date_kw: str, time_kw: str) -> datetime 
         day = _date(f.header.get(date_kw))
         clock = _time(f.header.get(time_kw))
     except ValueError as exc:
-        raise FedNdifError(f"{f.path}: {what} is malformed ({one_line(exc)})") from exc
+        raise FedNdifError(f"{f.path}: {what} is malformed ({_why(exc)})") from exc
     return _combine(day, clock)
 
 
@@ -83,7 +88,7 @@ def slice_acquisition(f: DicomFile, reference: datetime | None) -> datetime | No
         day = _date(f.header.get("AcquisitionDate"))
         clock = _time(f.header.get("AcquisitionTime"))
     except ValueError as exc:
-        raise FedNdifError(f"{f.path}: AcquisitionDate/Time is malformed ({one_line(exc)})"
+        raise FedNdifError(f"{f.path}: AcquisitionDate/Time is malformed ({_why(exc)})"
                            ) from exc
     return _combine(day, clock, reference)
 
@@ -112,7 +117,7 @@ def injection_time(item: Dataset, scan: datetime) -> datetime:
         clock = _time(item.get("RadiopharmaceuticalStartTime"))
     except ValueError as exc:
         raise FedNdifError(f"RadiopharmaceuticalStartTime/StartDateTime is malformed "
-                           f"({one_line(exc)})") from exc
+                           f"({_why(exc)})") from exc
     if full is not None:
         return full
     if clock is None:

@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from fed_ndif.data.dicom.derived import mark_as_ours
 from fed_ndif.data.dicom.geometry import lps_geometry
 from fed_ndif.data.dicom.header import (
     SyntheticPatient,
@@ -58,8 +59,10 @@ def write_pet_series(
     """Write ``volume`` (SUV) as a derived PET series (Bq/ml, int16 per-slice slope) in ``out_dir``.
 
     With ``template`` the series joins the source study (same StudyInstanceUID and
-    FrameOfReferenceUID, source decay reference kept, so SUV reads back unchanged); without one a
-    complete PET object is built from ``synthetic_patient``. Atomic: written to a hidden sibling
+    FrameOfReferenceUID, source decay reference kept, so SUV reads back unchanged) and is marked
+    as fed-ndif's derived output (:mod:`.derived`); without one a complete PET object is built
+    from ``synthetic_patient``, as an acquisition (ImageType ORIGINAL; ``derivation_description``
+    is not written). Atomic: written to a hidden sibling
     folder and renamed; an existing ``out_dir`` is replaced only with ``overwrite`` and only after
     the new series is complete.
 
@@ -111,8 +114,12 @@ def write_pet_series(
     base.SeriesInstanceUID = new_uid("series")
     base.SeriesNumber = number
     base.SeriesDescription = series_description[:64]
-    base.DerivationDescription = derivation_description[:1024]
-    base.ImageType = ["DERIVED", "PRIMARY"]
+    if template is not None:
+        # Ours, and marked so: never denoised again, never paired as training data.
+        base.DerivationDescription = derivation_description[:1024]
+        mark_as_ours(base, series_description, now)
+    else:
+        base.ImageType = ["ORIGINAL", "PRIMARY"]  # a simulated acquisition
     # Bq/ml, or SUV when the source was read in SUV (then every factor is 1).
     base.Units = template.units if template is not None else "BQML"
     base.NumberOfSlices = nz

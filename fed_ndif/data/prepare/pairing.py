@@ -152,7 +152,9 @@ def pair_study(series: list[PetSeries], user: dict[str, UserPair] | None = None
     skipped: list[Skipped] = []
     usable = []
     for s in series:
-        if s.geometry is None:
+        if s.derived:  # our own output, or another program's: never training data
+            skipped.append(Skipped(s, f"{s.derived}; never paired"))
+        elif s.geometry is None:
             skipped.append(Skipped(s, f"not one regular volume: {s.geometry_problem}"))
         elif not s.attenuation_corrected:
             skipped.append(Skipped(s, "not attenuation-corrected (CorrectedImage lacks ATTN)"))

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from fed_ndif.data.dicom.derived import derived_reason
 from fed_ndif.data.dicom.series import (
     DicomFile,
     files_under,
@@ -48,6 +49,7 @@ class PetSeries:
     durations: dict[int, float]  # slice position (in GEOMETRY_MM steps) -> frame duration, ms
     counts: dict[int, float]  # slice position -> CountsAccumulated (0018,0070), where given
     attenuation_corrected: bool
+    derived: str = ""  # why it is not an acquisition (fed_ndif.data.dicom.derived), or ""
 
     @property
     def label(self) -> str:
@@ -120,7 +122,8 @@ def _summarize(uid: str, files: list[DicomFile]) -> PetSeries:
         frame_uid=str(first.get("FrameOfReferenceUID", "")).strip(), number=number, files=files,
         geometry=geometry, geometry_problem=problem, durations=durations, counts=counts,
         # Unknown (no CorrectedImage) counts as corrected: only a stated lack of ATTN excludes.
-        attenuation_corrected=not corrected or "ATTN" in corrected)
+        attenuation_corrected=not corrected or "ATTN" in corrected,
+        derived=derived_reason(first) or "")
 
 
 @dataclass

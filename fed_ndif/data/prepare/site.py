@@ -33,7 +33,15 @@ from fed_ndif.data.prepare.pairing import (
     pair_study,
     read_pairs_file,
 )
-from fed_ndif.data.prepare.privacy import Pseudonym, pseudonyms, quiet_dicom_warnings, scrub
+from fed_ndif.data.prepare.privacy import (
+    Pseudonym,
+    new_salt,
+    pseudonyms,
+    quiet_dicom_warnings,
+    read_salt,
+    scrub,
+    write_salt,
+)
 from fed_ndif.data.prepare.scan import PetSeries, scan_export
 from fed_ndif.data.volume import Volume
 from fed_ndif.errors import FedNdifError
@@ -112,7 +120,22 @@ class StudyPlan:
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def _check_places(export: Path, site_dir: Path, keep_key: Path | None, overwrite: bool) -> None:
+SALT_SUFFIX = ".salt"
+
+
+def salt_path(keep_key: Path | None, salt: Path | None) -> Path:
+    """Where the site's secret salt is kept: ``--salt``, else beside ``--keep-key``."""
+    if salt is not None:
+        return salt
+    if keep_key is not None:
+        return keep_key.with_name(keep_key.name + SALT_SUFFIX)
+    raise FedNdifError("the subject order needs the site's secret salt: pass --keep-key FILE "
+                       f"(the salt is then kept beside it, FILE{SALT_SUFFIX}) or --salt FILE; "
+                       "keep it where patient data belongs, never in the site folder")
+
+
+def _check_places(export: Path, site_dir: Path, keep_key: Path | None, overwrite: bool,
+                  salt: Path) -> None:
     export_abs, site_abs = export.resolve(), site_dir.resolve()
     if not export.is_dir():
         raise FedNdifError(f"{export}: no such folder (the DICOM export to prepare)")
@@ -130,6 +153,12 @@ def _check_places(export: Path, site_dir: Path, keep_key: Path | None, overwrite
                                "folder (it links pseudonyms to studies)")
         if key_abs.is_dir():
             raise FedNdifError(f"--keep-key {keep_key}: is a folder; give a file name")
+    salt_abs = salt.resolve()
+    if salt_abs.is_relative_to(site_abs) or salt_abs.is_relative_to(partial_folder(site_abs)):
+        raise FedNdifError(f"--salt {salt}: the salt must be kept outside the site folder (with "
+                           "it, the pseudonyms can be linked to patient IDs)")
+    if salt_abs.is_dir():
+        raise FedNdifError(f"--salt {salt}: is a folder; give a file name")
 
 
 def _splits(subjects: list[str], *, val: int, test: int, seed: int) -> dict[str, str]:
@@ -268,12 +297,16 @@ def _write_keep_key(path: Path, plans: list[StudyPlan], names: dict[str, Pseudon
 
 def prepare_site(export: str | Path, site_dir: str | Path, *, pairs_file: str | Path | None = None,
                  val: int = 1, test: int = 1, seed: int = 0, keep_key: str | Path | None = None,
-                 overwrite: bool = False, progress: bool = True) -> PrepareResult:
-    """``fed-ndif prepare-site``: pair the export's PET series and write the site folder."""
+                 salt: str | Path | None = None, overwrite: bool = False,
+                 progress: bool = True) -> PrepareResult:
+    """``fed-ndif prepare-site``: pair the export's PET series and write the site folder.
+
+    ``salt``: the site's secret salt file (made on the first run, reused after), by default
+    beside ``keep_key``; one of the two is needed."""
     with quiet_dicom_warnings():
         result = _prepare(Path(export), Path(site_dir), pairs_file=pairs_file, val=val,
                           test=test, seed=seed, keep_key=keep_key, overwrite=overwrite,
-                          progress=progress)
+                          progress=progress, salt=salt)
     for line in result.summary_lines():
         log.info("%s", line)
     return result
@@ -281,15 +314,20 @@ def prepare_site(export: str | Path, site_dir: str | Path, *, pairs_file: str | 
 
 def _prepare(export: Path, site_dir: Path, *, pairs_file: str | Path | None, val: int,
              test: int, seed: int, keep_key: str | Path | None, overwrite: bool,
-             progress: bool) -> PrepareResult:
+             progress: bool, salt: str | Path | None) -> PrepareResult:
     keep_key = Path(keep_key) if keep_key is not None else None
-    _check_places(export, site_dir, keep_key, overwrite)
+    salt_file = salt_path(keep_key, Path(salt) if salt is not None else None)
+    _check_places(export, site_dir, keep_key, overwrite, salt_file)
+    secret = read_salt(salt_file)
     user = read_pairs_file(Path(pairs_file)) if pairs_file is not None else {}
     scan = scan_export(export, progress=progress)
     known = {s.uid: s for series in scan.studies.values() for s in series}
     if user:
         check_pairs_file(user, known, Path(pairs_file))
-    names = pseudonyms({uid: series[0].patient_key for uid, series in scan.studies.items()})
+    fresh = secret is None
+    secret = new_salt() if secret is None else secret
+    names = pseudonyms({uid: series[0].patient_key for uid, series in scan.studies.items()},
+                       secret)
     plans, notes = _plan(scan.studies, names, user)
     roots = [export, export.resolve()]
     unreadable = [scrub(reason, [path], roots) for path, reason in scan.unreadable]
@@ -299,6 +337,8 @@ def _prepare(export: Path, site_dir: Path, *, pairs_file: str | Path | None, val
         raise FedNdifError(f"{export}: no low-count/full-count pair found among "
                            f"{len(known)} PET series ({len(notes)} skipped, reasons above)")
     split = _splits(sorted({p.name.subject for p in plans}), val=val, test=test, seed=seed)
+    if fresh:  # kept before any study is written: an interrupted run resumes with it
+        write_salt(salt_file, secret)
     partial = partial_folder(site_dir)
     if partial.exists():
         log.info("continuing an interrupted preparation (%s)", partial.name)
