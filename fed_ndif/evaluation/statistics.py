@@ -153,9 +153,12 @@ def _quantile(sorted_t: np.ndarray, prob: np.ndarray) -> np.ndarray:
     return lo + (position - below) * (hi - lo)
 
 
-def _bounds(mean, se, sorted_t, seed_sd, seed_df, alpha):
-    upper_t = _quantile(sorted_t, 1 - alpha / 2)
-    lower_t = _quantile(sorted_t, alpha / 2)
+def _bounds(mean, se, sorted_t, seed_sd, seed_df, alpha, subject_df):
+    # Never narrower than the t-interval on either side: exact for normal subjects, it keeps
+    # the few-subjects-per-site layouts (pooled resampling) from running narrow.
+    floor = stats.t.ppf(1 - alpha / 2, subject_df)
+    upper_t = np.maximum(_quantile(sorted_t, 1 - alpha / 2), floor)
+    lower_t = np.minimum(_quantile(sorted_t, alpha / 2), -floor)
     seed_half = (stats.t.ppf(1 - alpha / 2, seed_df) * seed_sd if seed_df is not None
                  else np.zeros_like(mean))
     with np.errstate(invalid="ignore"):
@@ -176,22 +179,24 @@ def studentized_interval(values: np.ndarray, strata, *, seed_estimates: np.ndarr
     values = np.atleast_2d(np.asarray(values, dtype=float))
     strata = np.asarray(strata)
     rng = np.random.default_rng(seed)
-    mean, se, sorted_t = _sorted_t(values, _groups(strata), resamples, rng)
+    groups = _groups(strata)
+    mean, se, sorted_t = _sorted_t(values, groups, resamples, rng)
+    subject_df = values.shape[1] - len(groups)
     seed_sd, seed_df = np.zeros_like(mean), None
     if seed_estimates is not None and np.shape(seed_estimates)[-1] >= 2:
         estimates = np.atleast_2d(seed_estimates)
         seed_df = estimates.shape[1] - 1
         seed_sd = estimates.std(1, ddof=1) / math.sqrt(estimates.shape[1])
-    low, high = _bounds(mean, se, sorted_t, seed_sd, seed_df, 1 - confidence)
+    low, high = _bounds(mean, se, sorted_t, seed_sd, seed_df, 1 - confidence, subject_df)
     # p: the smallest alpha whose interval excludes 0 (the interval shrinks as alpha grows).
     lo_alpha, hi_alpha = np.full_like(mean, 1.0 / (resamples + 1)), np.ones_like(mean)
     for _ in range(30):
         mid = (lo_alpha + hi_alpha) / 2
-        a, b = _bounds(mean, se, sorted_t, seed_sd, seed_df, mid)
+        a, b = _bounds(mean, se, sorted_t, seed_sd, seed_df, mid, subject_df)
         excludes = (a > 0) | (b < 0)
         hi_alpha = np.where(excludes, mid, hi_alpha)
         lo_alpha = np.where(excludes, lo_alpha, mid)
-    a, b = _bounds(mean, se, sorted_t, seed_sd, seed_df, lo_alpha)
+    a, b = _bounds(mean, se, sorted_t, seed_sd, seed_df, lo_alpha, subject_df)
     p = np.where((a > 0) | (b < 0), lo_alpha, hi_alpha)
     p = np.where(np.isfinite(low) & np.isfinite(high), p, 1.0)
     return mean, low, high, p
