@@ -182,3 +182,55 @@ def test_training_seeds_are_averaged_and_their_spread_widens_the_interval():
     assert shaky.mean == pytest.approx(steady.mean)
     assert steady.verdict == "better" and shaky.verdict == "no difference"
     assert shaky.high - shaky.low > 3 * (steady.high - steady.low)
+
+
+def _experiment_rows(*, seeds=(0,), held_level=None):
+    """Rows like fed-ndif simulate's: two sites, five subjects each, every compared method."""
+    gains = {"fedndif_personalized": 1.0, "fedndif_global": 0.8, "local": 0.0,
+             "fedavg_unet": 0.8, "fedavg_no_nstd": 0.8}
+    rows = []
+    for site in ("site_a", "site_b"):
+        for i, jitter in enumerate([0.0, 0.1, -0.1, 0.05, -0.05]):
+            for level in (0.1,) + ((held_level,) if held_level else ()):
+                common = {"site": site, "subject": f"{site}{i}", "count_level": level,
+                          "label": "x", "ssim": 0.9, "nmse": 0.01, "liver_nstd": 0.1,
+                          "full_count_liver_nstd": 0.1}
+                rows.append({**common, "method": "input", "psnr": 40.0,
+                             "abs_suvpeak_ideal_bias_pct_ge10": 10.0})
+                for seed in seeds:
+                    for method, gain in gains.items():
+                        rows.append({**common, "method": method, "seed": seed,
+                                     "psnr": 40.0 + gain + jitter
+                                     + 0.01 * seed * method.startswith("fedndif"),
+                                     "abs_suvpeak_ideal_bias_pct_ge10": 5.0 + jitter})
+    return rows
+
+
+def test_the_headline_states_each_claim_with_its_interval_and_n():
+    from fed_ndif.evaluation.headline import headline
+
+    text = "\n".join(headline(_experiment_rows(), []))
+    line = next(x for x in text.splitlines() if x.startswith("| Fed-NDIF personalized beats "
+                                                               "local-only at site_a"))
+    assert "+1.00 dB" in line and "| better | supported | 5 | 1 |" in line
+    assert "≥ global at site_b" in text
+    nstd = next(x for x in text.splitlines() if "NSTD embedding" in x)
+    assert "none in this run" in nstd and "not enough data" in nstd
+    assert "Holm over the 6 claims" in text and "1 training seed" in text
+
+
+def test_several_seeds_reach_the_report_with_their_own_table(tmp_path):
+    from fed_ndif.evaluation.report import write_report
+
+    rows = _experiment_rows(seeds=(0, 1, 2), held_level=0.05)
+    (tmp_path / "figures").mkdir()
+    report = write_report(tmp_path, rows, ["input", "local", "fedavg_unet", "fedavg_no_nstd",
+                                           "fedndif_global", "fedndif_personalized"],
+                          curves={}, notes=[], figures=[],
+                          held_out={"site_a": (0.05,), "site_b": (0.05,)}).read_text()
+    top = report.split("## All sites")[0]
+    assert "## Headline" in top and "3 training seeds" in top
+    assert "| 10 | 3 |" in top  # subjects and seeds of an all-sites claim
+    assert "## Training seeds (3)" in report
+    assert "+1.00, +1.01, +1.02" in report  # personalized - local at one site, per seed
+    assert "Holm-corrected over the" in report

@@ -82,6 +82,15 @@ class PairedDifference:
     correction: str = "none"
 
 
+def seed_of(row: dict) -> int | None:
+    """A row's training seed; None for a method that does not train (or a run of one seed
+    written before seeds were recorded)."""
+    seed = row.get("seed")
+    if seed is None or (isinstance(seed, float) and math.isnan(seed)):
+        return None
+    return int(seed)
+
+
 def subject_means(rows: list[dict], method: str, metric: str
                   ) -> dict[int | None, dict[tuple[str, str], float]]:
     """seed -> (site, subject) -> the method's mean of ``metric`` over that subject's studies.
@@ -91,10 +100,7 @@ def subject_means(rows: list[dict], method: str, metric: str
     for row in rows:
         value = row.get(metric, math.nan)
         if row["method"] == method and isinstance(value, float) and math.isfinite(value):
-            seed = row.get("seed")
-            seed = None if seed is None or (isinstance(seed, float) and math.isnan(seed)) \
-                else int(seed)
-            values[seed][(row["site"], row["subject"])].append(value)
+            values[seed_of(row)][(row["site"], row["subject"])].append(value)
     return {seed: {key: float(np.mean(v)) for key, v in by.items()}
             for seed, by in values.items()}
 
