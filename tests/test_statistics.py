@@ -234,3 +234,18 @@ def test_several_seeds_reach_the_report_with_their_own_table(tmp_path):
     assert "## Training seeds (3)" in report
     assert "+1.00, +1.01, +1.02" in report  # personalized - local at one site, per seed
     assert "Holm-corrected over the" in report
+
+
+def test_the_seed_term_covers_when_training_randomness_moves_every_subject():
+    # d[seed, subject] = subject effect + seed effect (shared by all subjects) + noise: an
+    # interval over subjects alone misses the seed effect; with the seed term it covers.
+    rng = np.random.default_rng(5)
+    trials, seeds, n = 1500, 3, 8
+    d = (rng.standard_normal((trials, 1, n)) + 0.7 * rng.standard_normal((trials, seeds, 1))
+         + 0.3 * rng.standard_normal((trials, seeds, n)))
+    labels = np.zeros(n, int)
+    _, low, high, _ = studentized_interval(d.mean(1), labels, seed_estimates=d.mean(2),
+                                           resamples=499)
+    _, low1, high1, _ = studentized_interval(d.mean(1), labels, resamples=499)
+    assert np.mean((low <= 0) & (high >= 0)) >= 0.95
+    assert np.mean((low1 <= 0) & (high1 >= 0)) < 0.9
