@@ -67,3 +67,23 @@ def table(results) -> str:
         lines.append(f"| {distribution} | {sites} | {n} | {100 * false:.1f} % | "
                      f"{100 * null:.1f} % | {100 * effect:.1f} % |")
     return "\n".join(lines)
+
+
+def main() -> None:
+    """Print the table for the report's interval: python -m tests.helpers.coverage [σ] [trials]."""
+    import sys
+
+    from fed_ndif.evaluation.statistics import studentized_interval
+
+    sigma = float(sys.argv[1]) if len(sys.argv) > 1 else LOGNORMAL_SIGMA
+    trials = int(sys.argv[2]) if len(sys.argv) > 2 else 2000
+
+    def interval(values, labels):
+        _, low, high, _ = studentized_interval(values, labels, resamples=999)
+        return low, high
+
+    sys.stdout.write(table(measure(interval, trials=trials, sigma=sigma)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
