@@ -94,7 +94,8 @@ def headline(rows: list[dict], held_rows: list[dict]) -> list[str]:
         else:
             interval = (f"[{d.low:+.2f}, {d.high:+.2f}] {unit}" if math.isfinite(d.low)
                         else "–")
-            cells = [claim, f"{d.mean:+.2f} {unit} ({metric[1]})", interval, d.verdict,
+            name = metric[1] + ("" if metric[3] else ", lower is better")
+            cells = [claim, f"{d.mean:+.2f} {unit} ({name})", interval, d.verdict,
                      _reading(kind, d), str(d.subjects), str(d.seeds)]
         out.append("| " + " | ".join(cells) + " |")
     tested = sum(1 for d in corrected if math.isfinite(d.p) and d.verdict != TOO_FEW)
