@@ -249,3 +249,15 @@ def test_the_seed_term_covers_when_training_randomness_moves_every_subject():
     _, low1, high1, _ = studentized_interval(d.mean(1), labels, resamples=499)
     assert np.mean((low <= 0) & (high >= 0)) >= 0.95
     assert np.mean((low1 <= 0) & (high1 >= 0)) < 0.9
+
+
+def test_each_training_seed_gets_its_own_seeds_and_folders_and_seed_0_keeps_the_layout(tmp_path):
+    from omegaconf import OmegaConf
+
+    from fed_ndif.experiment import seed_config, seed_folder
+
+    cfg = OmegaConf.create({"train": {"seed": 0}, "compare": {"seed": 0, "seeds": 3}})
+    assert seed_config(cfg, 0) is cfg and seed_folder(tmp_path, 0) == tmp_path
+    second = seed_config(cfg, 2)
+    assert (second.train.seed, second.compare.seed, cfg.train.seed) == (2, 2, 0)
+    assert seed_folder(tmp_path, 2) == tmp_path / "seeds" / "seed2"
