@@ -100,9 +100,10 @@ def headline(rows: list[dict], held_rows: list[dict]) -> list[str]:
         out.append("| " + " | ".join(cells) + " |")
     tested = sum(1 for d in corrected if math.isfinite(d.p) and d.verdict != TOO_FEW)
     seeds = max((d.seeds for d in corrected), default=1)
-    out += ["", f"Each difference is the first method minus the second, per test subject (mean "
-            f"over its count levels), averaged over subjects and training seeds. Verdicts: Holm "
-            f"over the {tested} claims with an interval (family-wise error 5 %). "
+    out += ["", "Each difference is the first method minus the second, per test subject (mean "
+            "over its count levels), averaged over subjects and training seeds. Verdicts: "
+            + (f"Holm over the {tested} claims with an interval (family-wise error 5 %). "
+               if tested else "none (no claim has enough subjects for an interval). ")
             + ("1 training seed (`compare.seeds: 1`): training randomness is not inside these "
                "intervals; run with `compare.seeds: 3` for claims about methods."
                if seeds <= 1 else f"{seeds} training seeds: the between-seed spread is inside "

@@ -293,7 +293,8 @@ def family_note(differences: list[PairedDifference]) -> str:
     seed_text = (f"over {seeds} training seeds (seed-to-seed spread inside the intervals)"
                  if seeds > 1 else "1 training seed: the intervals hold test subjects only, "
                  "not training randomness")
-    return (f"Verdicts: Holm-corrected over the {m} comparisons of this table with a "
-            f"p-value (family-wise error 5 %); intervals: uncorrected {100 * CONFIDENCE:g} % "
+    verdicts = (f"Holm-corrected over the {m} comparisons of this table with a p-value "
+                "(family-wise error 5 %)" if m else "none (no comparison has enough subjects)")
+    return (f"Verdicts: {verdicts}; intervals: uncorrected {100 * CONFIDENCE:g} % "
             f"studentized bootstrap over subjects within sites; {seed_text}; fewer than "
             f"{MIN_SUBJECTS} subjects: '{TOO_FEW}'.")
