@@ -11,6 +11,10 @@ there, so an interrupted experiment continues where it stopped:
     local/<site>/               each site alone
     pooled/                     centralized on all sites' data
     metrics.csv, report.md, metrics_summary.json, figures/, config.yaml
+    seeds/seed<k>/              with compare.seeds: N > 1, the same learned-method folders and
+                                metrics.csv for training seed k = 1..N-1 (seed 0 is the layout
+                                above, so a one-seed run resumes as before)
+    metrics_seeds.csv           every seed's rows, with their seed (N > 1)
 
 Every learned method gets the same training budget (:class:`Budget`).
 """
@@ -76,6 +80,8 @@ LABELS = {
     "fedndif_personalized": "Fed-NDIF personalized",
     "pooled": "Pooled diffusion (upper bound)",
 }
+SEEDS_DIR = "seeds"
+SEEDS_METRICS = "metrics_seeds.csv"
 NEEDS_FEDERATION = {"fedndif_global": "fedndif", "fedndif_personalized": "fedndif",
                     "fedavg_no_nstd": "fedavg_no_nstd", "fedavg_unet": "fedavg_unet"}
 
@@ -184,11 +190,73 @@ def _train_unless_done(cfg: dict[str, Any], manifests: list[Path], out: Path) ->
     return last
 
 
+def seed_config(cfg: DictConfig, seed: int) -> DictConfig:
+    """The experiment with training seed ``seed`` (0: ``cfg`` itself): initialisation, batch
+    order (``train.seed``) and the sampler's noise at evaluation (``compare.seed``) change; the
+    sites and their test subjects do not."""
+    if seed == 0:
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.train.seed = int(cfg.train.seed) + seed
+    out.compare.seed = int(cfg.compare.seed) + seed
+    return out
+
+
+def seed_folder(out_dir: Path, seed: int) -> Path:
+    """Seed 0 keeps the single-seed layout (earlier runs resume); seed k has seeds/seed<k>/."""
+    return out_dir if seed == 0 else out_dir / SEEDS_DIR / f"seed{seed}"
+
+
 def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
-    """Everything after the sites exist; returns report.md."""
+    """Everything after the sites exist; returns report.md. With ``compare.seeds: N``, every
+    learned method is trained and scored N times (:func:`seed_config`); the methods that do not
+    learn are scored once, and the report's intervals hold the spread over seeds."""
+    methods = _methods(cfg)
+    sites = list(cfg.sites.keys())
+    budget = Budget.from_config(cfg)
+    seeds = int(cfg.compare.get("seeds") or 1)
+    rows, figures, curves = _train_and_score(cfg, out_dir, sites_dir, methods)
+    notes = [
+        budget.notes(float(cfg.compare.finetune_lr)),
+        *_selection_notes(out_dir / "personalized", sites),
+        f"Diffusion sampling: {cfg.diffusion.sampler.name}, {cfg.diffusion.sampler.steps} "
+        f"steps, {cfg.diffusion.sampler.samples} sample(s), warm start "
+        f"{cfg.diffusion.sampler.warm_start}; model preset channels "
+        f"{list(cfg.model.diffusion_net.channels)}.",
+    ]
+    if seeds > 1:
+        learned = [m for m in methods if m in LEARNED]
+        rows = [{**r, "seed": 0} if r["method"] in LEARNED else r for r in rows]
+        for seed in range(1, seeds):
+            log.info("training seed %d of %d: %s", seed + 1, seeds, ", ".join(learned))
+            seeded, _, _ = _train_and_score(seed_config(cfg, seed), seed_folder(out_dir, seed),
+                                            sites_dir, learned)
+            rows += [{**r, "seed": seed} for r in seeded]
+        write_rows(out_dir / SEEDS_METRICS, rows)
+        notes.append(f"Training seeds: {seeds} (`compare.seeds`; train.seed and compare.seed "
+                     f"{int(cfg.train.seed)}..{int(cfg.train.seed) + seeds - 1}); every learned "
+                     f"method trained and scored once per seed (seed k > 0 in "
+                     f"`{SEEDS_DIR}/seed<k>/`), all rows in `{SEEDS_METRICS}`; the figures and "
+                     "the mean ± sd tables pool every seed's rows.")
+    else:
+        notes.append("Training seeds: 1 (`compare.seeds: 1`): the intervals hold test "
+                     "subjects, not training randomness.")
+    budgets = {m: budget.label() for m in methods if m in LEARNED}
+    # The noise-free reference (simulated sites) is scored right after the input it shows the
+    # physical best for.
+    order = [shown for name in methods
+             for shown in ((name, "noise_free") if name == "input" else (name,))]
+    held_out = {site: held_out_levels(cfg.data, site) for site in sites}
+    return write_report(out_dir, rows, order, curves=curves, notes=notes, figures=figures,
+                        budgets=budgets, held_out=held_out)
+
+
+def _train_and_score(cfg: DictConfig, out_dir: Path, sites_dir: Path, methods: list[str]
+                     ) -> tuple[list[dict], list[Path], dict[str, list[dict]]]:
+    """Train every learned method of ``methods`` into ``out_dir`` (or find it trained there)
+    and score ``methods`` on the test subjects: rows, lesion figures, training curves."""
     from fed_ndif.training.trainer import finetune
 
-    methods = _methods(cfg)
     sites = list(cfg.sites.keys())
     manifests = {s: sites_dir / s / MANIFEST_NAME for s in sites}
     budget = Budget.from_config(cfg)
@@ -261,22 +329,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
         checkpoints["pooled"] = dict.fromkeys(sites, last)
 
     rows, figures = score_test_splits(cfg, out_dir, sites, manifests, methods, checkpoints)
-    notes = [
-        budget.notes(float(cfg.compare.finetune_lr)),
-        *_selection_notes(out_dir / "personalized", sites),
-        f"Diffusion sampling: {cfg.diffusion.sampler.name}, {cfg.diffusion.sampler.steps} "
-        f"steps, {cfg.diffusion.sampler.samples} sample(s), warm start "
-        f"{cfg.diffusion.sampler.warm_start}; model preset channels "
-        f"{list(cfg.model.diffusion_net.channels)}.",
-    ]
-    budgets = {m: budget.label() for m in methods if m in LEARNED}
-    # The noise-free reference (simulated sites) is scored right after the input it shows the
-    # physical best for.
-    order = [shown for name in methods
-             for shown in ((name, "noise_free") if name == "input" else (name,))]
-    held_out = {site: held_out_levels(cfg.data, site) for site in sites}
-    return write_report(out_dir, rows, order, curves=curves, notes=notes, figures=figures,
-                        budgets=budgets, held_out=held_out)
+    return rows, figures, curves
 
 
 def _selection_notes(folder: Path, sites: list[str]) -> list[str]:

@@ -201,7 +201,7 @@ def score_methods(site: str, studies: list[TestStudy], methods: list[Method], *,
 TEXT_FIELDS = ("site", "subject", "method", "label")
 FIELDS = ("site", "subject", "count_level", "method", "label", "psnr", "ssim", "nmse",
           "psnr_field", "ssim_field", "nmse_field", "liver_nstd", "full_count_liver_nstd",
-          *summary_keys())
+          *summary_keys(), "seed")  # seed: empty for one run, or a method that does not train
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:

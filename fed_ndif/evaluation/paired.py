@@ -1,8 +1,10 @@
 """Paired differences to a reference method (Fed-NDIF, or any model named on the command line):
 tables over all sites and per site, and one figure with every CI.
 
-A site has only a few test subjects, so its own CI is wide (and from 3-4 subjects the bootstrap
-has few distinct resamples); the all-sites row pools subjects, resampled within each site.
+A site has only a few test subjects, so its own CI is wide (fewer than 4: no CI, "too few
+subjects"); the all-sites row pools subjects, resampled within each site. Each table's verdicts
+are Holm-corrected over its own comparisons (statistics.holm), and a line under it says over how
+many; the figure shows the uncorrected intervals and verdicts.
 """
 
 from __future__ import annotations
@@ -15,7 +17,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from fed_ndif.evaluation.statistics import CONFIDENCE, PairedDifference, paired_difference
+from fed_ndif.evaluation.statistics import (
+    CONFIDENCE,
+    TOO_FEW,
+    PairedDifference,
+    family_note,
+    holm,
+    paired_difference,
+)
 
 # (key, header, format, higher is better).
 PAIRED_METRICS = (
@@ -42,10 +51,13 @@ def references(rows: list[dict], chosen: str | None) -> list[str]:
 def _cell(d: PairedDifference, fmt: str) -> str:
     if d.subjects == 0:
         return "–"
-    if d.verdict == "n/a":
+    if d.verdict in ("n/a", TOO_FEW):
         return f"{fmt.format(d.mean)} ({d.subjects} subject{'s' if d.subjects != 1 else ''}: " \
-               "too few for a CI)"
+               "too few subjects)"
     return f"{fmt.format(d.mean)} [{fmt.format(d.low)}, {fmt.format(d.high)}] {d.verdict}"
+
+
+HIGHER_IS_BETTER = {key: higher for key, _, _, higher in PAIRED_METRICS}
 
 
 def paired_table(rows: list[dict], method_order: list[str], reference: str,
@@ -53,13 +65,18 @@ def paired_table(rows: list[dict], method_order: list[str], reference: str,
     """Each method minus ``reference`` over test subjects, with its 95 % CI and verdict."""
     head = ["method", *(f"Δ {h} [95 % CI]" for _, h, _, _ in PAIRED_METRICS)]
     out = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for method in method_order:
-        if method == reference or not any(r["method"] == method for r in rows):
-            continue
-        cells = [labels[method], *(_cell(paired_difference(rows, method, reference, key,
-                                                           higher_is_better=higher), fmt)
-                                   for key, _, fmt, higher in PAIRED_METRICS)]
+    methods = [m for m in method_order
+               if m != reference and any(r["method"] == m for r in rows)]
+    raw = [paired_difference(rows, method, reference, key, higher_is_better=higher)
+           for method in methods for key, _, _, higher in PAIRED_METRICS]
+    corrected = holm(raw, higher_is_better=HIGHER_IS_BETTER)
+    formats = [fmt for _, _, fmt, _ in PAIRED_METRICS]
+    for i, method in enumerate(methods):
+        mine = corrected[i * len(formats):(i + 1) * len(formats)]
+        cells = [labels[method], *(_cell(d, fmt) for d, fmt in zip(mine, formats, strict=True))]
         out.append("| " + " | ".join(cells) + " |")
+    if methods:
+        out += ["", family_note(corrected)]
     return "\n".join(out)
 
 

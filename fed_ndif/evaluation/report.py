@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from fed_ndif.data.manifest import at_level
+from fed_ndif.evaluation.headline import headline, seed_table
 from fed_ndif.evaluation.paired import (
     FIGURE,
     figure_paired_differences,
@@ -25,7 +26,7 @@ from fed_ndif.evaluation.paired import (
     paired_table,
     references,
 )
-from fed_ndif.evaluation.statistics import CONFIDENCE, RESAMPLES
+from fed_ndif.evaluation.statistics import CONFIDENCE, MIN_SUBJECTS, RESAMPLES
 
 # (key, column header, format); "budget" is a text column filled from the experiment.
 # Body values first (fed_ndif.image_metrics: the air of the field of view rewards every
@@ -262,11 +263,16 @@ def write_report(run: Path, rows: list[dict], method_order: list[str], *,
         "there is no noise-free image; lesions with a lesion/background ratio of at least "
         "1.5); CNR = (lesion mean - background mean) / background SD in that shell.\n",
         "Paired differences: each method minus the reference named in the section, per test "
-        "subject (mean over its count levels), averaged over subjects, "
-        f"with a {100 * CONFIDENCE:g} % CI from {RESAMPLES} "
-        "bootstrap resamples of subjects within each site (never of slices or studies). "
-        "'better' / 'worse' when the CI excludes 0, else 'no difference'.\n",
+        "subject (mean over its count levels; with several training seeds, averaged over "
+        f"seeds), averaged over subjects, with a {100 * CONFIDENCE:g} % CI from {RESAMPLES} "
+        "studentized bootstrap resamples of subjects within each site (never of slices or "
+        "studies), never narrower than the t-interval, plus a between-seed term with several "
+        "seeds (`fed_ndif/evaluation/statistics.py` says how, and what coverage it measured). "
+        "'better' / 'worse' when the Holm-corrected p-value of the table's comparisons is "
+        f"below 5 %, else 'no difference'; fewer than {MIN_SUBJECTS} subjects: 'too few "
+        "subjects'.\n",
         *[f"- {note}" for note in notes], "",
+        *headline(rows, held_rows),
         "## All sites and count levels (mean ± sd over test studies)\n",
         quality_table(rows, method_order, budgets), "",
         f"### Lesions ≥ 10 mm ({lesion_count(rows, 'ge10')})\n",
@@ -281,6 +287,7 @@ def write_report(run: Path, rows: list[dict], method_order: list[str], *,
         lines.append(f"![paired differences](figures/{FIGURE})\n")
     if held_rows:
         lines += _held_out_section(held_rows, method_order, paired_against, labels, budgets)
+    lines += seed_table(rows + held_rows)
     lines.append("![metrics against count level](figures/metrics_vs_count_level.png)\n")
     if curves:
         lines.append("![training curves](figures/training_curves.png)\n")
