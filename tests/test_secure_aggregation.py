@@ -16,11 +16,11 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common import parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common.recorddict_compat import recorddict_to_fitres
 
 from fed_ndif.checkpoints import latest_global_checkpoint, read_checkpoint
 from fed_ndif.client import app as client_module
-from fed_ndif.client.secure import secure_aggregation_mod
 from fed_ndif.config import load_config
 from fed_ndif.data.sites import make_sites
 from fed_ndif.errors import FedNdifError
@@ -69,7 +69,7 @@ class Recorder:
 
 def _client_app(recorder: Recorder | None = None, train=None) -> ClientApp:
     """The real ClientApp's handlers and mod, with a recorder just inside the SecAgg+ mod."""
-    app = ClientApp(mods=[secure_aggregation_mod, *([recorder.mod] if recorder else [])])
+    app = ClientApp(mods=[client_module.secure_mod, *([recorder.mod] if recorder else [])])
     app.train()(train or client_module.train)
     app.evaluate()(client_module.validate_global)
     return app
@@ -174,3 +174,150 @@ def test_the_coordinator_receives_no_single_sites_update_and_gets_their_fedavg(s
         assert record["secure_aggregation"] is True
         assert record["sites"] == SITES and record["failed"] == {} and record["rejected"] == {}
         assert record["train_bytes"]["received"] > 0
+
+
+def _stage(message: Message) -> str | None:
+    record = message.content.config_records.get(RECORD_KEY_CONFIGS)
+    return None if record is None else str(record.get(Key.STAGE))
+
+
+def _fedavg_holds(run_dir: Path, recorder: Recorder, server_round: int, sites: list[str],
+                  settings: SecAggSettings) -> None:
+    before, after = _global(run_dir, server_round - 1), _global(run_dir, server_round)
+    updates = [recorder.updates[(server_round, s)] for s in sites]
+    weights = [n for _, n in updates]
+    bound = settings.max_error(weights)
+    for i, name in enumerate(before):
+        fedavg = sum(u[i] * w for (u, _), w in zip(updates, weights, strict=True)) / sum(weights)
+        got = after[name].astype(np.float64) - before[name].astype(np.float64)
+        assert np.max(np.abs(got - fedavg)) <= bound + 1e-7, name
+
+
+@pytest.mark.parametrize("stage", [Stage.COLLECT_MASKED_VECTORS, Stage.UNMASK])
+def test_a_site_lost_mid_round_does_not_stop_the_round(sites_root, tmp_path, stage):
+    """site_b dies in round 1 before sending its masked update (left out of the sum) or after
+    it (its masked update stays in the sum: the others' shares unmask it)."""
+    run_dir = tmp_path / "run"
+    recorder = Recorder()
+
+    def fail(node_id: int, message: Message):
+        round_ = int(message.metadata.group_id or 0)
+        if node_id == 12 and round_ == 1 and _stage(message) == stage:
+            return ConnectionError("site_b's SuperNode was killed")
+        return None
+
+    run_config = _run_config(sites_root, run_dir, *SECURE)
+    _federate(run_config, _client_app(recorder), fail=fail)
+    settings = SecAggSettings.from_config(from_run_config(run_config)["fl"])
+    first, second = _rounds(run_dir)
+    in_sum = ["site_a", "site_c"] if stage == Stage.COLLECT_MASKED_VECTORS else SITES
+    assert first["sites"] == in_sum and first["rejected"] == {}
+    if stage == Stage.COLLECT_MASKED_VECTORS:
+        assert "killed" in first["failed"]["site_b"]
+    _fedavg_holds(run_dir, recorder, 1, in_sum, settings)
+    assert second["sites"] == SITES  # the site is back next round
+    _fedavg_holds(run_dir, recorder, 2, SITES, settings)
+
+
+def test_below_the_reconstruction_threshold_the_round_changes_nothing(sites_root, tmp_path):
+    run_dir = tmp_path / "run"
+
+    def fail(node_id: int, message: Message):
+        if node_id in (12, 13) and int(message.metadata.group_id or 0) == 1 \
+                and _stage(message) == Stage.SHARE_KEYS:
+            return ConnectionError("lost")
+        return None
+
+    _federate(_run_config(sites_root, run_dir, *SECURE), _client_app(), fail=fail)
+    first, second = _rounds(run_dir)
+    assert first["sites"] == [] and "halted" in first["rejected"]["aggregate"]
+    assert set(first["failed"]) == {"site_b", "site_c"}
+    for name, value in _global(run_dir, 0).items():
+        np.testing.assert_array_equal(_global(run_dir, 1)[name], value)
+    assert second["sites"] == SITES
+
+
+def test_a_site_checks_its_own_update_and_refuses_one_that_would_be_clipped(sites_root,
+                                                                           tmp_path):
+    run_dir = tmp_path / "run"
+    _federate(_run_config(sites_root, run_dir, *SECURE, "fl.rounds=1",
+                          "fl.secagg.clipping_range=1e-9"), _client_app())
+    (record,) = _rounds(run_dir)
+    assert record["sites"] == []
+    assert len(record["failed"]) == 3
+    assert all("fl.secagg.clipping_range" in reason for reason in record["failed"].values())
+    assert latest_global_checkpoint(run_dir)[0] == 1
+
+
+def test_own_update_checks_name_the_problem():
+    from fed_ndif.secagg import check_own_change
+
+    settings = SecAggSettings.from_config({"min_sites": 3})
+    received = OrderedDict(w=np.zeros((2, 2), np.float32), b=np.zeros(2, np.float32))
+    good = OrderedDict(w=np.full((2, 2), 0.01), b=np.zeros(2))
+    check_own_change(good, received, 100, settings)
+    for change, n, reason in [
+        ({**good, "w": np.full((2, 2), np.nan)}, 100, "NaN"),
+        ({**good, "b": np.zeros(3)}, 100, "shape"),
+        (OrderedDict(w=good["w"]), 100, "names"),
+        (good, 1e6, "max_weight"),
+        (good, 0, "num-examples"),
+        ({**good, "w": np.full((2, 2), 1e3)}, 100, "clipping_range"),
+    ]:
+        with pytest.raises(FedNdifError, match=reason):
+            check_own_change(OrderedDict(change), received, n, settings)
+
+
+def test_the_aggregate_is_checked_after_unmasking():
+    from fed_ndif.secagg import AggregateRejected, check_aggregate
+
+    reference = OrderedDict(w=np.zeros((2, 2), np.float32), b=np.zeros(2, np.float32))
+    assert list(check_aggregate([np.ones((2, 2)), np.ones(2)], reference)) == ["w", "b"]
+    for arrays, reason in [([np.ones((2, 2))], "holds 1 arrays"),
+                           ([np.ones((2, 2)), np.ones(3)], "shape"),
+                           ([np.full((2, 2), np.inf), np.ones(2)], "NaN or infinite")]:
+        with pytest.raises(AggregateRejected, match=reason):
+            check_aggregate(arrays, reference)
+
+
+@pytest.mark.parametrize(("setting", "reason"), [
+    (["fl.dp.enabled=true"], "cannot both be true"),
+    (["fl.secagg.reconstruction_threshold=4"], "more than fl.min_sites"),
+    (["fl.secagg.reconstruction_threshold=1"], "at least 2"),
+    (["fl.secagg.clipping_range=0"], "clipping_range"),
+    (["fl.secagg.num_shares=2"], "num_shares"),
+    (["fl.secagg.quantization_range=2147483648"], "wraps around"),
+])
+def test_bad_secure_settings_fail_in_one_line_before_the_run_folder_is_made(
+        sites_root, tmp_path, setting, reason):
+    from fed_ndif.server.federation import run_federation
+
+    run_dir = tmp_path / "run"
+    cfg = from_run_config(_run_config(sites_root, run_dir, *SECURE, *setting))
+    with pytest.raises(FedNdifError, match=reason):
+        run_federation(InProcessGrid(client_module.app, {}, run_config={}), cfg)
+    assert not run_dir.exists()
+
+
+def test_a_site_that_requires_secure_aggregation_refuses_a_plain_round(sites_root, tmp_path):
+    plain, secure = tmp_path / "plain", tmp_path / "secure"
+    required = {"secure-aggregation": "required"}
+    _federate(_run_config(sites_root, plain, "fl.rounds=1"), client_module.app,
+              node_configs=required)
+    (record,) = _rounds(plain)
+    assert record["sites"] == [] and len(record["failed"]) == 3
+    assert all("requires secure aggregation" in r for r in record["failed"].values())
+    _federate(_run_config(sites_root, secure, *SECURE, "fl.rounds=1"), client_module.app,
+              node_configs=required)
+    assert _rounds(secure)[0]["sites"] == SITES
+
+
+def test_a_restarted_coordinator_resumes_a_secure_run(sites_root, tmp_path):
+    run_dir = tmp_path / "run"
+    recorder = Recorder()
+    _federate(_run_config(sites_root, run_dir, *SECURE, "fl.rounds=1"), _client_app(recorder))
+    grid = _federate(_run_config(sites_root, run_dir, *SECURE), _client_app(recorder))
+    assert {int(m.metadata.group_id) for m in grid.received} == {2}  # only round 2 ran
+    assert [r["round"] for r in _rounds(run_dir)] == [1, 2]
+    settings = SecAggSettings.from_config(from_run_config(grid.contexts[11].run_config)["fl"])
+    _fedavg_holds(run_dir, recorder, 2, SITES, settings)

@@ -8,6 +8,7 @@ carry weights and numeric metrics only, plus the site's name; never a patient id
 
 from __future__ import annotations
 
+import functools
 import logging
 import zlib
 from collections import OrderedDict
@@ -36,9 +37,6 @@ from fed_ndif.transfer import encode_update
 
 log = logging.getLogger(__name__)
 
-# SecAgg+ rounds (fl.secure_aggregation) pass through Flower's secaggplus_mod; others do not.
-app = ClientApp(mods=[secure_aggregation_mod])
-
 # Datasets stay loaded between rounds when the runtime reuses the process (simulation).
 _DATASETS: dict[tuple, SliceStackDataset] = {}
 
@@ -61,6 +59,15 @@ def site_manifest(cfg: dict[str, Any], node_config: dict[str, Any]) -> tuple[str
     if not manifest.is_file():
         raise FedNdifError(f"site {name}: no manifest at {manifest}")
     return name, manifest
+
+
+def site_name(context: Context) -> str:
+    return site_manifest(from_run_config(context.run_config), dict(context.node_config))[0]
+
+
+# SecAgg+ rounds (fl.secure_aggregation) pass through Flower's secaggplus_mod; others do not.
+secure_mod = functools.partial(secure_aggregation_mod, site_name=site_name)
+app = ClientApp(mods=[secure_mod])
 
 
 def _dataset(name: str, manifest: Path, split: str, cfg: dict[str, Any]) -> SliceStackDataset:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -47,12 +47,19 @@ def requires_secure(node_config: Mapping[str, Any]) -> bool:
     return value == "required"
 
 
-def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable
-                           ) -> Message:
-    """``secaggplus_mod`` for the messages of a SecAgg+ round; others pass through."""
+def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable, *,
+                           site_name: Callable[[Context], str] | None = None) -> Message:
+    """``secaggplus_mod`` for the messages of a SecAgg+ round; others pass through.
+
+    ``site_name``: each SecAgg+ reply also carries the site's name (as plain replies do), so
+    the coordinator can name a site that drops out at a later stage.
+    """
     if msg.metadata.message_type == MessageType.TRAIN:
         if RECORD_KEY_CONFIGS in msg.content.config_records:
-            return secaggplus_mod(msg, context, call_next)
+            reply = secaggplus_mod(msg, context, call_next)
+            if site_name is not None and not reply.has_error():
+                reply.content["site"] = ConfigRecord({"name": site_name(context)})
+            return reply
         if requires_secure(context.node_config):
             raise FedNdifError("this site requires secure aggregation (node config "
                                f"{REQUIRE_KEY}='required'); the coordinator asked for a plain "

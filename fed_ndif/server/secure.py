@@ -23,7 +23,7 @@ mean of the changes (fed_ndif.secagg).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,23 +107,23 @@ class _OneRound(Strategy):
         self.instructions = instructions
         self.results: list[tuple[ClientProxy, FitRes]] | None = None
 
-    def initialize_parameters(self, client_manager):  # noqa: ANN001, D102
+    def initialize_parameters(self, client_manager):
         return None
 
-    def configure_fit(self, server_round, parameters, client_manager):  # noqa: ANN001, D102
+    def configure_fit(self, server_round, parameters, client_manager):
         return self.instructions
 
-    def aggregate_fit(self, server_round, results, failures):  # noqa: ANN001, D102
+    def aggregate_fit(self, server_round, results, failures):
         self.results = list(results)
         return (results[0][1].parameters if results else None), {}
 
-    def configure_evaluate(self, server_round, parameters, client_manager):  # noqa: ANN001, D102
+    def configure_evaluate(self, server_round, parameters, client_manager):
         return []
 
-    def aggregate_evaluate(self, server_round, results, failures):  # noqa: ANN001, D102
+    def aggregate_evaluate(self, server_round, results, failures):
         return None, {}
 
-    def evaluate(self, server_round, parameters):  # noqa: ANN001, D102
+    def evaluate(self, server_round, parameters):
         return None
 
 
@@ -135,6 +135,7 @@ class _Exchange:
         self.grid, self.exchange, self.timeout = grid, exchange, timeout
         self.sent_bytes = self.received_bytes = 0
         self.errors: dict[int, str] = {}  # node id -> first error of the round
+        self.names: dict[int, str] = {}  # node id -> site name, from any stage's reply
         self.stages = 0
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
@@ -152,8 +153,10 @@ class _Exchange:
             answered.add(node)
             if reply.has_error():
                 self.errors.setdefault(node, f"stage {self.stages}: {reply.error.reason}")
-            else:
-                self.received_bytes += content_bytes(reply.content)
+                continue
+            self.received_bytes += content_bytes(reply.content)
+            if "site" in reply.content.config_records:
+                self.names[node] = str(reply.content.config_records["site"].get("name"))
         for message in messages:
             node = message.metadata.dst_node_id
             if node not in answered:
@@ -203,6 +206,7 @@ def secure_train_round(grid: Grid, *, server_round: int, nodes: list[int],
     make_workflow(settings, timeout)(wire, context)  # type: ignore[arg-type]
 
     result = SecureRound(sent_bytes=wire.sent_bytes, received_bytes=wire.received_bytes)
+    site_names.update(wire.names)
     contributors = set()
     for proxy, fitres in strategy.results or []:
         metrics = dict(fitres.metrics)
@@ -214,8 +218,10 @@ def secure_train_round(grid: Grid, *, server_round: int, nodes: list[int],
         result.metrics[name] = {**numbers, "num-examples": float(fitres.num_examples)}
         result.num_examples[name] = float(fitres.num_examples)
     for node in sorted(set(nodes) - contributors):
-        name = site_names.get(node, f"node {node}")
-        result.failed[name] = wire.errors.get(node, "dropped out of secure aggregation")
+        # When the round halted, a site that answered every stage it was asked is not at fault.
+        if node in wire.errors or strategy.results:
+            result.failed[site_names.get(node, f"node {node}")] = wire.errors.get(
+                node, "dropped out of secure aggregation")
     for node, reason in wire.errors.items():
         if node in contributors:  # sent its masked change, then dropped: still in the sum
             log.warning("round %d: site %s dropped after sending its masked update (%s)",
