@@ -321,3 +321,17 @@ def test_a_restarted_coordinator_resumes_a_secure_run(sites_root, tmp_path):
     assert [r["round"] for r in _rounds(run_dir)] == [1, 2]
     settings = SecAggSettings.from_config(from_run_config(grid.contexts[11].run_config)["fl"])
     _fedavg_holds(run_dir, recorder, 2, SITES, settings)
+
+
+def test_flowers_mask_generator_keeps_32_bits_of_its_seed():
+    """Pins a limitation stated in deploy/README.md: Flower 1.42 folds a mask's 256-bit seed
+    into 32 bits (XOR of its 4-byte words) for NumPy's Mersenne Twister, so two seeds with the
+    same fold give the same mask. If this fails, Flower changed it: update the README."""
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+
+    seed = bytes(range(32))
+    words = [seed[i:i + 4] for i in range(0, 32, 4)]
+    other = b"".join(words[1:] + words[:1])  # the same words in another order
+    assert other != seed
+    a, b = (pseudo_rand_gen(s, 2**32, [(1000,)])[0] for s in (seed, other))
+    np.testing.assert_array_equal(a, b)
