@@ -335,3 +335,24 @@ def test_flowers_mask_generator_keeps_32_bits_of_its_seed():
     assert other != seed
     a, b = (pseudo_rand_gen(s, 2**32, [(1000,)])[0] for s in (seed, other))
     np.testing.assert_array_equal(a, b)
+
+
+def test_the_command_line_flags_reach_the_run_config_and_the_node_config(tmp_path):
+    from fed_ndif.cli import build_parser
+    from fed_ndif.client.secure import requires_secure
+    from fed_ndif.runtime.site import supernode_args
+
+    args = build_parser().parse_args(["coordinator", str(tmp_path), "fl.rounds=2",
+                                      "--secure-aggregation"])
+    assert args.secure_aggregation and args.overrides == ["fl.rounds=2"]
+    site_args = build_parser().parse_args(["site", "--superlink", "h:1", "--ca", "ca",
+                                           "--key", "k", "--data", "d",
+                                           "--require-secure-aggregation"])
+    assert site_args.require_secure_aggregation
+    node_config = supernode_args(superlink="h:1", ca=Path("ca"), key=Path("k"),
+                                 data=Path("d"), name="s", require_secure=True)[-1]
+    assert "secure-aggregation='required'" in node_config
+    assert requires_secure({"secure-aggregation": "required"})
+    assert not requires_secure({})
+    with pytest.raises(FedNdifError, match="use 'required'"):
+        requires_secure({"secure-aggregation": "yes"})
