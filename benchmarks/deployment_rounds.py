@@ -4,7 +4,11 @@ a SuperLink and three SuperNodes as separate processes, through the user-facing 
 Overhead of a round = its wall time (``seconds`` in metrics.jsonl) minus the slowest site's
 training time (``per_site[*].train_seconds``): message exchange, ClientApp start, aggregation.
 
+Bytes of a round = everything the training step's messages carry, both ways (``train_bytes``;
+in secure mode the four SecAgg+ exchanges).
+
     python benchmarks/deployment_rounds.py --rounds 3 [--no-warm-pool] [--poll-interval 3]
+        [--secure] [--model tiny|small]
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ def main() -> None:
     parser.add_argument("--poll-interval", type=float, default=1.0)
     parser.add_argument("--no-warm-pool", dest="warm_pool", action="store_false")
     parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--secure", action="store_true", help="secure aggregation (SecAgg+)")
+    parser.add_argument("--model", default="tiny", help="model config (tiny, small)")
     parser.add_argument("--json", help="also write the rounds here")
     parser.add_argument("--keep", help="copy the run folder and every process's log here")
     args = parser.parse_args()
@@ -58,10 +64,12 @@ def main() -> None:
             return process
 
         try:
-            coordinator = start([*cli, "coordinator", str(run_dir), "model=tiny",
+            # Tiny sites have 40-50 training slice stacks: max_weight near that (secure mode).
+            secure = ["fl.secagg.max_weight=100", "--secure-aggregation"] if args.secure else []
+            coordinator = start([*cli, "coordinator", str(run_dir), f"model={args.model}",
                                  f"fl.rounds={args.rounds}", f"fl.local_steps={args.local_steps}",
                                  "fl.evaluate_max_studies=0", "logger.wandb_mode=disabled",
-                                 "train.batch_size=2", "--certs", str(certs), "--port",
+                                 "train.batch_size=2", *secure, "--certs", str(certs), "--port",
                                  str(port), *register], "coordinator.log")
             deadline = time.monotonic() + args.timeout
             while "ready: sites can connect" not in (tmp / "coordinator.log").read_text():
@@ -87,13 +95,18 @@ def main() -> None:
                 shutil.copytree(tmp, args.keep, dirs_exist_ok=True,
                                 ignore=shutil.ignore_patterns("sites", "certs"))
     print(f"warm pool: {args.warm_pool}, SuperNode poll: {args.poll_interval:g} s, "
+          f"secure aggregation: {args.secure}, model {args.model}, "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-    print("| round | wall s | slowest site training s | overhead s |")
-    print("|---|---|---|---|")
+    print("| round | sites | wall s | slowest site training s | overhead s | MB sent "
+          "| MB received |")
+    print("|---|---|---|---|---|---|---|")
     for r in rounds:
         slowest = max(m["train_seconds"] for m in r["per_site"].values())
         r["overhead_s"] = r["seconds"] - slowest
-        print(f"| {r['round']} | {r['seconds']:.1f} | {slowest:.1f} | {r['overhead_s']:.1f} |")
+        wire = r.get("train_bytes", {})
+        print(f"| {r['round']} | {len(r['sites'])} | {r['seconds']:.1f} | {slowest:.1f} | "
+              f"{r['overhead_s']:.1f} | {wire.get('sent', 0) / 1e6:.2f} | "
+              f"{wire.get('received', 0) / 1e6:.2f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rounds": rounds}, indent=1))
 

@@ -384,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long the run waits for sites, before it and whenever a round "
                    "lacks fl.min_sites; then it starts with fl.min_sites if that many are "
                    "online, else fails (default: 600)")
+    p.add_argument("--secure-aggregation", action="store_true", help="the coordinator receives "
+                   "only the masked sum of the sites' updates (Flower's SecAgg+; the same as "
+                   "fl.secure_aggregation=true; see deploy/README.md)")
     p.add_argument("--state-db", action="store_true", help="keep the SuperLink's state in "
                    "RUN_DIR/state.db instead of memory (SQLite: can answer 'database is locked' "
                    "on a busy machine)")
@@ -414,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-warm-pool", dest="warm_pool", action="store_false", help="start a "
                    "fresh ClientApp process per message, as Flower does (default: a warm "
                    "pool that imports torch once and forks per message; fed_ndif.runtime.prefork)")
+    p.add_argument("--require-secure-aggregation", action="store_true", help="train only in "
+                   "rounds with secure aggregation (SecAgg+): a coordinator that asks for a "
+                   "plain update is refused, whatever its settings")
     p.set_defaults(func=_site)
     return parser
 
@@ -421,7 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _coordinator(args: argparse.Namespace) -> None:
     from fed_ndif.runtime.coordinator import run_coordinator
 
-    out = run_coordinator(Path(args.run_dir), args.overrides, certs_dir=Path(args.certs),
+    overrides = [*args.overrides, *(["fl.secure_aggregation=true"]
+                                    if args.secure_aggregation else [])]
+    out = run_coordinator(Path(args.run_dir), overrides, certs_dir=Path(args.certs),
                           site_keys=[Path(k) for k in args.register], host=args.host,
                           port=args.port, resume=args.resume, wait_sites=args.wait_for_sites,
                           wait_timeout_s=args.wait_for_sites_timeout, state_db=args.state_db)
@@ -433,7 +441,8 @@ def _site(args: argparse.Namespace) -> None:
 
     run_site(superlink=args.superlink, ca=Path(args.ca), key=Path(args.key),
              data=Path(args.data), name=args.name, device=args.device, port=args.port,
-             poll_s=args.poll_interval, warm_pool=args.warm_pool)
+             poll_s=args.poll_interval, warm_pool=args.warm_pool,
+             require_secure=args.require_secure_aggregation)
 
 
 def main(argv: list[str] | None = None) -> int:

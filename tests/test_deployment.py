@@ -113,13 +113,14 @@ def coordinator(procs: Processes, name: str, run_dir: Path, certs: Path, port: i
 
 
 def site(procs: Processes, name: str, certs: Path, sites: Path, port: int, *,
-         key: str | None = None, label: str | None = None) -> subprocess.Popen:
+         key: str | None = None, label: str | None = None,
+         extra: tuple[str, ...] = ()) -> subprocess.Popen:
     return procs.start(label or name, [sys.executable, "-m", "fed_ndif.cli", "site", "--superlink",
                               f"127.0.0.1:{port}", "--ca", str(certs / "ca.crt"), "--key",
                               str(certs / "nodes" / (key or name)), "--data",
                               str(sites / (name if key is None else "site_a")), "--name", name,
                               "--device", "cpu", "--port", str(free_port()),
-                              "--poll-interval", "1"])
+                              "--poll-interval", "1", *extra])
 
 
 def wait_for(condition: Callable[[], bool], what: str, procs: Processes,
@@ -236,12 +237,7 @@ def test_a_site_killed_mid_round_and_restarted_at_once_trains_in_the_next_round(
     # SuperNode first (so that it cannot say goodbye to the coordinator).
     wait_for(lambda: "Receiving: train message" in processes.log("site_c"),
              "site_c to receive round 1", processes)
-    _, tag, _ = processes.started["site_c"]
-    for pid in tagged(tag):
-        with contextlib.suppress(OSError):
-            if b"fed_ndif.runtime.site\0supernode" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGKILL)
-    processes.stop("site_c", signal.SIGKILL)
+    _kill_site(processes, "site_c")
     site(processes, "site_c", certs, sites, port, label="site_c-restarted")
     wait_for(lambda: processes.started["coordinator"][0].poll() is not None,
              "the run to finish", processes)
@@ -254,6 +250,48 @@ def test_a_site_killed_mid_round_and_restarted_at_once_trains_in_the_next_round(
     assert "released the connection its previous SuperNode" in restarted
     assert "not registered" not in restarted and "Failed to activate" not in restarted
     assert checkpoints(run_dir)[-1] == "global-round-0002.pt"
+
+
+def _kill_site(procs: Processes, name: str) -> None:
+    """Kill a site with everything it started, its SuperNode first (no goodbye)."""
+    _, tag, _ = procs.started[name]
+    for pid in tagged(tag):
+        with contextlib.suppress(OSError):
+            if b"fed_ndif.runtime.site\0supernode" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+    procs.stop(name, signal.SIGKILL)
+
+
+def test_secure_aggregation_over_tls_goes_on_when_a_site_is_killed_mid_round(
+        tmp_path, processes, certs, sites):
+    """SecAgg+ with TLS and node auth; every site refuses plain rounds; site_c is killed while
+    it trains in round 1 (its third SecAgg+ message) and restarted at once."""
+    run_dir = tmp_path / "run"
+    port = free_port()
+    coordinator(processes, "coordinator", run_dir, certs, port, "fl.min_sites=3",
+                "fl.secagg.max_weight=100", "--secure-aggregation")
+    wait_for(lambda: "ready: sites can connect" in processes.log("coordinator"),
+             "the coordinator to register the sites", processes)
+    for name in SITES:
+        site(processes, name, certs, sites, port, extra=("--require-secure-aggregation",))
+    wait_for(lambda: processes.log("site_c").count("Receiving: train message") >= 3,
+             "site_c to be asked for its masked update in round 1", processes)
+    _kill_site(processes, "site_c")
+    site(processes, "site_c", certs, sites, port, label="site_c-restarted",
+         extra=("--require-secure-aggregation",))
+    wait_for(lambda: processes.started["coordinator"][0].poll() is not None,
+             "the run to finish", processes)
+    assert processes.started["coordinator"][0].returncode == 0, processes.dump()
+    first, second = rounds(run_dir)
+    assert first["secure_aggregation"] and second["secure_aggregation"]
+    # Killed before it sent its masked update: left out of the sum; after: its masks are
+    # removed with the others' shares. Either way the round was unmasked and applied.
+    assert {"site_a", "site_b"} <= set(first["sites"]) and first["rejected"] == {}, first
+    assert "site_c" in first["sites"] or "site_c" in first["failed"], first
+    assert second["sites"] == list(SITES), second
+    assert checkpoints(run_dir)[-1] == "global-round-0002.pt"
+    log_text = processes.log("coordinator") + (run_dir / "logs" / "flwr-run.log").read_text()
+    assert "Secure aggregation completed" in log_text
 
 
 def _final_weights(run_dir: Path) -> dict:

@@ -63,9 +63,14 @@ def site_manifest_path(data: Path) -> Path:
 
 
 def supernode_args(*, superlink: str, ca: Path, key: Path, data: Path, name: str,
-                   device: str = "auto", port: int = 9094) -> list[str]:
-    """``flower-supernode`` arguments for one site (TLS, node key, the site's data only)."""
+                   device: str = "auto", port: int = 9094,
+                   require_secure: bool = False) -> list[str]:
+    """``flower-supernode`` arguments for one site (TLS, node key, the site's data only).
+
+    ``require_secure``: the site trains only in SecAgg+ rounds (fed_ndif.client.secure)."""
     node_config = f"data-path='{data}' site-name='{name}' device='{device}'"
+    if require_secure:
+        node_config += " secure-aggregation='required'"
     return ["--superlink", superlink, "--root-certificates", str(ca),
             "--auth-supernode-private-key", str(key), "--port", str(port),
             "--node-config", node_config]
@@ -73,7 +78,7 @@ def supernode_args(*, superlink: str, ca: Path, key: Path, data: Path, name: str
 
 def site_command(*, superlink: str, ca: Path, key: Path, data: Path, name: str | None = None,
                  device: str = "auto", port: int = 9094, poll_s: float = SUPERNODE_POLL_S,
-                 ) -> tuple[list[str], dict[str, str]]:
+                 require_secure: bool = False) -> tuple[list[str], dict[str, str]]:
     """Checked command line and environment that start a site's SuperNode."""
     if "://" in superlink:
         raise FedNdifError(f"--superlink {superlink!r}: give HOST:PORT, without a scheme (the "
@@ -92,7 +97,8 @@ def site_command(*, superlink: str, ca: Path, key: Path, data: Path, name: str |
         raise FedNdifError("the data path and site name may not contain a quote (')")
     name = name or manifest.parent.name
     args = supernode_args(superlink=superlink, ca=ca.resolve(), key=key.resolve(),
-                          data=data, name=name, device=device, port=port)
+                          data=data, name=name, device=device, port=port,
+                          require_secure=require_secure)
     command = [sys.executable, "-m", "fed_ndif.runtime.site", "supernode", "--poll-interval",
                f"{poll_s:g}", "--", *args]
     return command, flower_env(None)

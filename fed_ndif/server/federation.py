@@ -34,6 +34,7 @@ from fed_ndif.checkpoints import (
 )
 from fed_ndif.errors import FedNdifError
 from fed_ndif.run_config import from_array_record, to_array_record
+from fed_ndif.secagg import AggregateRejected, SecAggSettings, apply_change, check_aggregate
 from fed_ndif.server.aggregation import (
     UpdateRejected,
     check_update,
@@ -41,6 +42,7 @@ from fed_ndif.server.aggregation import (
     weighted_average,
     weighted_metrics,
 )
+from fed_ndif.server.secure import content_bytes, secure_train_round
 from fed_ndif.transfer import check_transfer_dtype, decode_update, encode_global, received_weights
 
 log = logging.getLogger(__name__)
@@ -195,6 +197,44 @@ class CheckedFedAvg(FedAvg):
         return MetricRecord(metrics)
 
 
+def secure_train(grid: Grid, strategy: CheckedFedAvg, server_round: int, sent: ArrayRecord,
+                 train_config: ConfigRecord, settings: SecAggSettings, *, timeout: float,
+                 global_weights: dict[str, np.ndarray], transfer: str
+                 ) -> tuple[dict[str, np.ndarray] | None, MetricRecord | None, dict[str, int]]:
+    """A training step through SecAgg+ (fed_ndif.server.secure): the new global weights (None:
+    the round changed nothing), the train metrics, and the bytes each way. Fills
+    ``strategy.last_train`` as the plain path does, with the aggregate's rejection under
+    ``"aggregate"``."""
+    nodes = [m.metadata.dst_node_id
+             for m in strategy.configure_train(server_round, sent, train_config, grid)]
+    result = secure_train_round(grid, server_round=server_round, nodes=nodes, sent=sent,
+                                train_config=train_config, settings=settings, timeout=timeout,
+                                exchange=send_and_receive, site_names=strategy.site_names)
+    report = RoundReport(failed=dict(result.failed))
+    wire = {"sent": result.sent_bytes, "received": result.received_bytes}
+    for site, reason in result.failed.items():
+        log.warning("round %d: site %s is not in the secure sum: %s", server_round, site, reason)
+    strategy.last_train = report
+    if result.mean_change is None:
+        log.warning("round %d: secure aggregation halted (fewer than the reconstruction "
+                    "threshold of sites answered); the global model is unchanged", server_round)
+        report.rejected["aggregate"] = "secure aggregation halted"
+        return None, None, wire
+    try:
+        change = check_aggregate(result.mean_change, global_weights)
+    except AggregateRejected as exc:
+        log.warning("round %d: rejected the unmasked aggregate: %s", server_round, exc)
+        report.rejected["aggregate"] = str(exc)
+        return None, None, wire
+    report.accepted = sorted(result.metrics)
+    report.metrics = result.metrics
+    metrics = weighted_metrics([(m, result.num_examples[site])
+                                for site, m in sorted(result.metrics.items())])
+    metrics.pop(strategy.weighted_by_key, None)
+    return (apply_change(received_weights(global_weights, transfer), change),
+            MetricRecord(metrics), wire)
+
+
 ROUND_RECORD = "metrics.jsonl"  # one JSON line per finished round, in the run folder
 
 
@@ -226,6 +266,7 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
     fl = cfg["fl"]
     transfer = str(fl.get("transfer_dtype", "float32"))
     check_transfer_dtype(transfer)  # a bad setting fails before anything is written
+    secure = SecAggSettings.from_config(fl) if fl.get("secure_aggregation") else None
     run_dir = Path(cfg["run_dir"])
     (run_dir / GLOBAL_CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     state = build_state(cfg, device="cpu")
@@ -262,18 +303,28 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
         for server_round in range(start_round + 1, int(fl["rounds"]) + 1):
             started = time.perf_counter()
             sent = _on_the_wire(global_weights, transfer)
-            replies = send_and_receive(
-                grid, strategy.configure_train(server_round, sent, train_config, grid),
-                timeout=timeout, destinations=checked.destinations)
-            replies = decode_replies(replies, received_weights(global_weights, transfer),
-                                     transfer)
-            # The DP wrapper clips each (decoded) update against the round's model: give it the
-            # float32 master, not the float16 copy that was sent.
-            if strategy is not checked:
-                strategy.current_arrays = arrays
-            new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-            if new_arrays is not None:
-                arrays, global_weights = new_arrays, from_array_record(new_arrays)
+            if secure is not None:
+                new_weights, train_metrics, wire = secure_train(
+                    grid, checked, server_round, sent, train_config, secure, timeout=timeout,
+                    global_weights=global_weights, transfer=transfer)
+                if new_weights is not None:
+                    arrays, global_weights = to_array_record(new_weights), new_weights
+            else:
+                messages = list(strategy.configure_train(server_round, sent, train_config, grid))
+                replies = send_and_receive(grid, messages, timeout=timeout,
+                                           destinations=checked.destinations)
+                wire = {"sent": sum(content_bytes(m.content) for m in messages),
+                        "received": sum(content_bytes(r.content) for r in replies
+                                        if not r.has_error())}
+                replies = decode_replies(replies, received_weights(global_weights, transfer),
+                                         transfer)
+                # The DP wrapper clips each (decoded) update against the round's model: give
+                # it the float32 master, not the float16 copy that was sent.
+                if strategy is not checked:
+                    strategy.current_arrays = arrays
+                new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+                if new_arrays is not None:
+                    arrays, global_weights = new_arrays, from_array_record(new_arrays)
             set_weights(state, global_weights)
             save_checkpoint(state, global_checkpoint_path(run_dir, server_round),
                             federated_round=server_round)
@@ -293,6 +344,7 @@ def run_federation(grid: Grid, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
                 "per_site": {site: {**m, **checked.last_evaluate.metrics.get(site, {})}
                              for site, m in checked.last_train.metrics.items()},
                 "update_bytes": int(sent.count_bytes()),
+                "train_bytes": wire, "secure_aggregation": secure is not None,
             }
             with (run_dir / ROUND_RECORD).open("a") as handle:
                 handle.write(json.dumps(record) + "\n")

@@ -7,6 +7,7 @@ private use stays in this one helper.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Callable, Iterable
 
@@ -69,7 +70,9 @@ class InProcessGrid(Grid):
             try:
                 if injected is not None:
                     raise injected
-                reply = self.client_app(message, self.contexts[node_id])
+                # A copy, as the real runtime delivers a deserialized one: a ClientApp (or a
+                # mod: SecAgg+ pops keys) may change what it receives.
+                reply = self.client_app(copy.deepcopy(message), self.contexts[node_id])
             except Exception as exc:  # the real runtime turns a ClientApp crash into an Error
                 reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"),
                                 reply_to=message)
