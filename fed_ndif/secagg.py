@@ -58,7 +58,7 @@ class SecAggSettings:
             raise FedNdifError("fl.dp.enabled and fl.secure_aggregation cannot both be true: "
                                "server-side clipping needs each site's update, which secure "
                                "aggregation hides")
-        sites = int(fl.get("min_sites", 2))
+        sites = int(fl["min_sites"])
         if sites < 2:
             raise FedNdifError(f"fl.secure_aggregation needs fl.min_sites >= 2 (is {sites}): "
                                "the sum of one site's update is that update")
