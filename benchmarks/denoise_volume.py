@@ -8,7 +8,8 @@ Sizes are ``XxYxZ`` (columns x rows x slices). ``--steps`` defaults to the check
 setting (configs/diffusion/default.yaml: the command's default); sampling time is linear in
 network evaluations x slices, so a run at fewer steps predicts the default (reported as an
 estimate, marked so). ``--device cuda --precision bf16`` also records peak GPU memory.
-Peak memory is the child's VmHWM (peak resident set), read from /proc/self/status.
+Peak memory is the child's VmHWM (peak resident set), read from /proc/self/status;
+``cpu_seconds`` is the child's CPU time over the whole path (all its threads).
 ``--nstd-only-sizes`` measures the part of the path that does not run the model (NIfTI read and
 the automatic liver VOI) on large volumes cheaply.
 
@@ -113,6 +114,7 @@ def child(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     record: dict = {"rss_after_imports_mib": _vm("VmRSS")}
+    cpu_start = time.process_time()
     start = time.perf_counter()
     if args.nstd_only:
         volume = load_nifti(args.input)
@@ -132,6 +134,9 @@ def child(args: argparse.Namespace) -> None:
             record["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
             record["gpu"] = torch.cuda.get_device_name()
     record["threads"] = torch.get_num_threads()
+    # CPU seconds of the whole path (every thread): on a machine shared with other work, wall
+    # time stretches, but CPU time / threads is what the command needs on cores of its own.
+    record["cpu_seconds"] = time.process_time() - cpu_start
     record["peak_rss_mib"] = _vm("VmHWM")
     print(json.dumps(record))
 
