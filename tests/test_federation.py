@@ -13,28 +13,18 @@ from flwr.clientapp import ClientApp
 
 from fed_ndif.checkpoints import latest_global_checkpoint, read_checkpoint
 from fed_ndif.client.app import app as client_app
-from fed_ndif.config import load_config
-from fed_ndif.data.sites import make_sites
 from fed_ndif.run_config import from_array_record, from_run_config, to_array_record, to_run_config
 from fed_ndif.server.app import app as server_app
+from tests.helpers.federation import SITES, tiny_run_config, tiny_sites
 from tests.helpers.inprocess_grid import InProcessGrid
-
-SITES = ["site_a", "site_b", "site_c"]
 
 
 @pytest.fixture(scope="module")
 def sites_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("fed") / "sites"
-    make_sites(root, overrides=["sites=tiny"])
-    return root
+    return tiny_sites(tmp_path_factory.mktemp("fed") / "sites")
 
 
-def _run_config(sites_root: Path, run_dir: Path, *extra: str) -> dict:
-    cfg = load_config("federated", [
-        "model=tiny", "fl.rounds=2", "fl.local_steps=2", "train.batch_size=4",
-        "fl.evaluate_max_studies=0", f"data.root={sites_root}", f"data.sites=[{','.join(SITES)}]",
-        f"run_dir={run_dir}", "logger.wandb_mode=disabled", *extra])
-    return to_run_config(cfg)
+_run_config = tiny_run_config
 
 
 class RecordingGrid(InProcessGrid):
