@@ -55,8 +55,10 @@ def test_dockerfiles_pass_hadolint(dockerfile):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _compose_config(compose_file: Path) -> subprocess.CompletedProcess:
-    """``compose config`` of ``compose_file`` as if it were deploy/compose.yaml."""
+def _compose_config(compose_file: Path, *,
+                    node_allow: str | None = "SCANNER,PACS") -> subprocess.CompletedProcess:
+    """``compose config`` of ``compose_file`` as if it were deploy/compose.yaml, with the DICOM
+    node's allow list set as a hospital sets it (``node_allow``; None: unset)."""
     docker = shutil.which("docker")
     if docker and subprocess.run([docker, "compose", "version"],
                                  capture_output=True).returncode == 0:
@@ -72,7 +74,9 @@ def _compose_config(compose_file: Path) -> subprocess.CompletedProcess:
             compose_file.write_text(text)
     return subprocess.run([*command, "--project-directory", str(DEPLOY), "-f", str(compose_file),
                            "config"], capture_output=True, text=True,
-                          env={**os.environ, "DOCKER_HOST": "unix:///nonexistent"})
+                          env={**{k: v for k, v in os.environ.items() if k != "NODE_ALLOW"},
+                               "DOCKER_HOST": "unix:///nonexistent",
+                               **({"NODE_ALLOW": node_allow} if node_allow else {})})
 
 
 def test_compose_file_passes_compose_config(tmp_path):
@@ -89,6 +93,9 @@ def test_compose_file_passes_compose_config(tmp_path):
     assert "read_onyl" in broken.read_text()
     result = _compose_config(broken)
     assert result.returncode != 0 and "read_onyl" in result.stdout + result.stderr
+    # The DICOM node is closed by default: without an allow list the file does not resolve.
+    result = _compose_config(checked, node_allow=None)
+    assert result.returncode != 0 and "NODE_ALLOW" in result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
