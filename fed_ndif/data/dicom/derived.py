@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from fed_ndif import __version__
+from fed_ndif.data.dicom.header import code_item
 
 # fed-ndif's own derivation code (a local coding scheme: designators starting with 99).
 OUR_SCHEME = "99FEDNDIF"
@@ -30,22 +31,14 @@ PROCESSING_EQUIPMENT = ("109102", "DCM", "Processing Equipment")
 SOURCE_FOR_PROCESSING = "121322"
 
 
-def _code(value: str, scheme: str, meaning: str) -> Dataset:
-    item = Dataset()
-    item.CodeValue = value
-    item.CodingSchemeDesignator = scheme
-    item.CodeMeaning = meaning
-    return item
-
-
 def our_derivation_code() -> Dataset:
-    return _code(OUR_CODE, OUR_SCHEME, OUR_MEANING)
+    return code_item(OUR_CODE, OUR_SCHEME, OUR_MEANING)
 
 
 def our_equipment(description: str, moment: datetime) -> Dataset:
     """The Contributing Equipment Sequence item that names fed-ndif as what made the pixels."""
     item = Dataset()
-    item.PurposeOfReferenceCodeSequence = Sequence([_code(*PROCESSING_EQUIPMENT)])
+    item.PurposeOfReferenceCodeSequence = Sequence([code_item(*PROCESSING_EQUIPMENT)])
     item.Manufacturer = OUR_MANUFACTURER
     item.ManufacturerModelName = "fed-ndif denoiser"
     item.SoftwareVersions = f"fed-ndif {__version__}"[:64]
