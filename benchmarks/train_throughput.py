@@ -27,7 +27,10 @@ def measure(kind: str, size: int, *, model: str, batch: int, warmup: int, steps:
             repeats: int, seed: int, overrides: list[str], device: str = "cpu") -> dict:
     cfg = load_config("train_local", [f"model={model}", f"model.kind={kind}",
                                       f"train.device={device}", f"train.batch_size={batch}",
-                                      f"train.seed={seed}", *overrides])
+                                      f"train.seed={seed}",
+                                      # the network's throughput: no lesion insertion (data
+                                      # augmentation, which needs real full-count stacks)
+                                      "train.insert_lesions.probability=0", *overrides])
     bundle = build_state(cfg)
     k = bundle.k
     g = torch.Generator().manual_seed(seed)

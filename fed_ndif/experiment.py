@@ -80,6 +80,7 @@ LABELS = {
     "fedndif_personalized": "Fed-NDIF personalized",
     "pooled": "Pooled diffusion (upper bound)",
 }
+ENGINES = ("flower", "inprocess")  # simulation.engine: see configs/simulate.yaml
 SEEDS_DIR = "seeds"
 SEEDS_METRICS = "metrics_seeds.csv"
 NEEDS_FEDERATION = {"fedndif_global": "fedndif", "fedndif_personalized": "fedndif",
@@ -251,6 +252,29 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
                         budgets=budgets, held_out=held_out)
 
 
+def _federate(cfg: DictConfig, fed: dict[str, Any], *, n_sites: int, work_dir: Path,
+              name: str) -> None:
+    """One federation on the configured engine: Flower's simulation (Ray, a SuperLink on
+    127.0.0.1) or the same apps in this process (``simulation.engine: inprocess``)."""
+    if check_engine(cfg) == "inprocess":
+        from fed_ndif.runtime.inprocess import run_inprocess_federation
+
+        run_inprocess_federation(fed, n_sites=n_sites)
+    else:
+        run_flower_simulation(fed, n_sites=n_sites,
+                              cpus_per_site=float(cfg.simulation.cpus_per_site),
+                              gpus_per_site=float(cfg.simulation.gpus_per_site),
+                              work_dir=work_dir, name=name)
+
+
+def check_engine(cfg: DictConfig) -> str:
+    engine = str(cfg.simulation.engine)
+    if engine not in ENGINES:
+        raise FedNdifError(f"configuration error: simulation.engine is {engine!r}; choose "
+                           f"one of {list(ENGINES)}")
+    return engine
+
+
 def _train_and_score(cfg: DictConfig, out_dir: Path, sites_dir: Path, methods: list[str]
                      ) -> tuple[list[dict], list[Path], dict[str, list[dict]]]:
     """Train every learned method of ``methods`` into ``out_dir`` (or find it trained there)
@@ -275,11 +299,9 @@ def _train_and_score(cfg: DictConfig, out_dir: Path, sites_dir: Path, methods: l
             log.info("federation %s: already finished", federation)
         else:
             log.info("federation %s: %d rounds over %d sites", federation, rounds, len(sites))
-            run_flower_simulation(fed, n_sites=len(sites),
-                                  cpus_per_site=float(cfg.simulation.cpus_per_site),
-                                  gpus_per_site=float(cfg.simulation.gpus_per_site),
-                                  work_dir=out_dir / "federated" / f".{federation}",
-                                  name=f"federation {federation}")
+            _federate(cfg, fed, n_sites=len(sites),
+                      work_dir=out_dir / "federated" / f".{federation}",
+                      name=f"federation {federation}")
         final = global_checkpoint_path(run_dir, rounds)
         if not final.is_file():
             raise FedNdifError(f"federation {federation} did not write {final}; see "

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from fed_ndif.config import load_config
 from fed_ndif.data.sites import SITE_CONFIG_KEYS, write_sites
 from fed_ndif.errors import FedNdifError
-from fed_ndif.experiment import run_experiment
+from fed_ndif.experiment import check_engine, run_experiment
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ __all__ = ["simulate"]
 def simulate(overrides: list[str] | tuple[str, ...] = ()) -> Path:
     """Make the sites if missing, then every stage of the comparison; return report.md."""
     cfg = load_config("simulate", overrides)
+    check_engine(cfg)  # before anything is written
     out_dir = Path(cfg.out_dir).resolve()
     sites_dir = out_dir / "sites"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 try:
@@ -14,6 +15,7 @@ except ModuleNotFoundError:  # Python 3.10
 import numpy as np
 import pytest
 
+from fed_ndif.checkpoints import read_checkpoint
 from fed_ndif.cli import main
 from fed_ndif.config import load_config
 from fed_ndif.run_config import pyproject_app_config
@@ -36,6 +38,13 @@ def test_simulate_refuses_sites_made_with_other_settings(tmp_path, capsys):
     make_sites(tmp_path / "sites", overrides=["sites=tiny", "seed=5"])
     assert main(["simulate", "experiment=tiny", f"out_dir={tmp_path}"]) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_simulate_refuses_an_unknown_engine(tmp_path, capsys):
+    assert main(["simulate", "experiment=tiny", f"out_dir={tmp_path}",
+                 "simulation.engine=spark"]) == 2
+    assert "simulation.engine" in capsys.readouterr().err
+    assert not (tmp_path / "federated").exists()
 
 
 def _tagged_processes() -> list[int]:
@@ -108,6 +117,24 @@ def test_simulate_runs_real_flower_simulations_and_reports_from_their_data(tmp_p
     assert main(["simulate", "experiment=tiny", f"out_dir={run}",
                  "logger.wandb_mode=disabled"]) == 0
     assert (run / "metrics.csv").stat().st_mtime_ns == before
+
+    # The in-process engine runs the same apps without Ray or a SuperLink: the same global
+    # models (up to float summation order), no Flower processes or logs.
+    inprocess = tmp_path / "inprocess"
+    shutil.copytree(run / "sites", inprocess / "sites")
+    assert main(["simulate", "experiment=tiny", f"out_dir={inprocess}",
+                 "simulation.engine=inprocess", "compare.methods=[input,fedndif_global]",
+                 "logger.wandb_mode=disabled"]) == 0
+    assert not (inprocess / "federated" / ".fedndif" / "logs").exists()
+    for server_round in (1, 3):
+        name = f"global-round-000{server_round}.pt"
+        flower = read_checkpoint(run / "federated" / "fedndif" / "checkpoints" / name)["model"]
+        mine = read_checkpoint(inprocess / "federated" / "fedndif" / "checkpoints" / name)["model"]
+        assert flower.keys() == mine.keys()
+        for key in flower:
+            np.testing.assert_allclose(mine[key].numpy(), flower[key].numpy(), rtol=1e-4,
+                                       atol=1e-6, err_msg=key)
+    assert _tagged_processes() == []
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ from fed_ndif.run_config import from_array_record, from_run_config
 from fed_ndif.secagg import SecAggSettings
 from fed_ndif.server.app import app as server_app
 from tests.helpers.federation import SITES, tiny_run_config, tiny_sites
-from tests.helpers.inprocess_grid import InProcessGrid
+from fed_ndif.runtime.inprocess import InProcessGrid
 
 # Tiny sites have 40-50 training slice stacks: max_weight near that keeps quantization fine.
 SECURE = ["fl.secure_aggregation=true", "fl.secagg.reconstruction_threshold=2",

@@ -75,8 +75,9 @@ def _reading(kind: str, d: PairedDifference) -> str:
     return {"better": "supported", "worse": "contradicted"}.get(d.verdict, "not shown")
 
 
-def headline(rows: list[dict], held_rows: list[dict]) -> list[str]:
-    """Report lines: the claims table and a line on its correction."""
+def headline_claims(rows: list[dict], held_rows: list[dict]) -> list[dict]:
+    """Each claim with its Holm-corrected difference: claim, metric, unit, mean, low, high,
+    verdict, reading, subjects, seeds (NaN and "n/a" where there are no rows to pair)."""
     claims = _claims(rows, held_rows)
     raw = [paired_difference(group, method, reference, metric[0], higher_is_better=metric[3])
            if _has(group, method) and _has(group, reference)
@@ -84,22 +85,33 @@ def headline(rows: list[dict], held_rows: list[dict]) -> list[str]:
                                  0, "n/a")
            for _, _, group, method, reference, metric in claims]
     corrected = holm(raw, higher_is_better={metric[0]: metric[3] for *_, metric in claims})
+    return [{"claim": claim, "method": d.method, "reference": d.reference,
+             "metric": metric[1] + ("" if metric[3] else ", lower is better"),
+             "unit": metric[2], "mean": d.mean, "low": d.low, "high": d.high, "p": d.p,
+             "p_adjusted": d.p_adjusted,
+             "verdict": d.verdict, "seeds": d.seeds, "subjects": d.subjects,
+             "reading": ("not enough data (no rows to pair)" if d.subjects == 0
+                         else _reading(kind, d))}
+            for (claim, kind, *_, metric), d in zip(claims, corrected, strict=True)]
+
+
+def headline(rows: list[dict], held_rows: list[dict]) -> list[str]:
+    """Report lines: the claims table and a line on its correction."""
+    claims = headline_claims(rows, held_rows)
     out = ["## Headline: the method's claims\n",
            "| claim | difference | 95 % CI | verdict | reading | subjects | seeds |",
            "|---|---|---|---|---|---|---|"]
-    for (claim, kind, *_, metric), d in zip(claims, corrected, strict=True):
-        unit = metric[2]
-        if d.subjects == 0:
-            cells = [claim, "–", "–", "n/a", "not enough data (no rows to pair)", "0", "–"]
+    for c in claims:
+        if c["subjects"] == 0:
+            cells = [c["claim"], "–", "–", "n/a", c["reading"], "0", "–"]
         else:
-            interval = (f"[{d.low:+.2f}, {d.high:+.2f}] {unit}" if math.isfinite(d.low)
-                        else "–")
-            name = metric[1] + ("" if metric[3] else ", lower is better")
-            cells = [claim, f"{d.mean:+.2f} {unit} ({name})", interval, d.verdict,
-                     _reading(kind, d), str(d.subjects), str(d.seeds)]
+            interval = (f"[{c['low']:+.2f}, {c['high']:+.2f}] {c['unit']}"
+                        if math.isfinite(c["low"]) else "–")
+            cells = [c["claim"], f"{c['mean']:+.2f} {c['unit']} ({c['metric']})", interval,
+                     c["verdict"], c["reading"], str(c["subjects"]), str(c["seeds"])]
         out.append("| " + " | ".join(cells) + " |")
-    tested = sum(1 for d in corrected if math.isfinite(d.p) and d.verdict != TOO_FEW)
-    seeds = max((d.seeds for d in corrected), default=1)
+    tested = sum(1 for c in claims if math.isfinite(c["p"]) and c["verdict"] != TOO_FEW)
+    seeds = max((c["seeds"] for c in claims), default=1)
     out += ["", "Each difference is the first method minus the second, per test subject (mean "
             "over its count levels), averaged over subjects and training seeds. Verdicts: "
             + (f"Holm over the {tested} claims with an interval (family-wise error 5 %). "

@@ -195,7 +195,7 @@ def figure_lesion_slices(site: str, panels: list[tuple[str, np.ndarray]],
     plt.close(fig)
 
 
-def _split_held_out(rows: list[dict], held_out: dict[str, tuple[float, ...]]
+def split_held_out(rows: list[dict], held_out: dict[str, tuple[float, ...]]
                     ) -> tuple[list[dict], list[dict]]:
     def held(row: dict) -> bool:
         return at_level(row["count_level"], held_out.get(row["site"], ()))
@@ -229,7 +229,7 @@ def write_report(run: Path, rows: list[dict], method_order: list[str], *,
     ``held_out``: per site, count levels it never trained on; their rows get their own
     section and stay out of every other table."""
     budgets = budgets or {}
-    rows, held_rows = _split_held_out(rows, held_out or {})
+    rows, held_rows = split_held_out(rows, held_out or {})
     labels = method_labels(rows)
     paired_against = references(rows, reference)
     figure_metric_vs_level(rows, method_order, run / "figures" / "metrics_vs_count_level.png")

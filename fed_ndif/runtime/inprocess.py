@@ -1,8 +1,12 @@
-"""An in-process stand-in for Flower's Grid that drives the real ServerApp and ClientApp objects.
+"""The federation in one process: the real ServerApp and ClientApps, with messages handed over
+in memory instead of through a SuperLink.
 
-Fast path for federation unit tests (no Ray, no SuperLink). It leans on Flower 1.42's private
-``TaskIdentity`` (a ``Message`` cannot be built outside Flower's runtime without it), so that
-private use stays in this one helper.
+``simulation.engine: inprocess`` runs ``fed-ndif simulate``'s federations this way: the same
+FedAvg rounds, checks, checkpoints and round records as Flower's simulation engine, with no Ray
+and no SuperLink (a machine without them, such as a GPU box that cannot install Ray, and the
+federation unit tests). Sites train one after another on one device. Flower offers no in-memory
+Grid, hence this one; it leans on Flower 1.42's private ``TaskIdentity`` (a ``Message`` cannot
+be built outside Flower's runtime without it), so that private use stays in this one module.
 """
 
 from __future__ import annotations
@@ -10,12 +14,15 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+
+from fed_ndif.run_config import to_run_config
 
 RUN_ID = 7
 SERVER_NODE_ID = 0
@@ -87,3 +94,16 @@ class InProcessGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))
+
+
+def run_inprocess_federation(fed: dict[str, Any], *, n_sites: int) -> None:
+    """Run the fed-ndif ServerApp over ``n_sites`` ClientApps (node ``i`` is ``data.sites[i]``,
+    as Flower's simulation assigns partitions) with run config ``fed``, in this process."""
+    from fed_ndif.client.app import app as client_app
+    from fed_ndif.server.app import app as server_app
+
+    run_config = to_run_config(fed)
+    nodes = {i + 1: {"partition-id": i, "num-partitions": n_sites} for i in range(n_sites)}
+    grid = InProcessGrid(client_app, nodes, run_config=run_config)
+    server_app(grid, Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={},
+                             state=RecordDict(), run_config=run_config))
