@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 
 from fed_ndif.data.dataset import held_out_levels
 from fed_ndif.evaluation.compare import read_rows, write_rows
+from fed_ndif.evaluation.detectability import DETECTION_CSV, read_detection
 from fed_ndif.evaluation.headline import headline_claims, seed_table
 from fed_ndif.evaluation.report import split_held_out, write_report
 from fed_ndif.experiment import LEARNED, SEEDS_METRICS
@@ -38,6 +39,15 @@ def joined_rows(runs: list[Path]) -> list[dict]:
                 rows.append({**row, "seed": seed})
             elif seed == 0:  # a method that does not train: once
                 rows.append({**row, "seed": None})
+    return rows
+
+
+def joined_detection(runs: list[Path]) -> list[dict]:
+    rows = []
+    for seed, run in enumerate(runs):
+        if (run / DETECTION_CSV).is_file():
+            rows += [{**r, "seed": seed} for r in read_detection(run / DETECTION_CSV)
+                     if r["method"] in LEARNED or seed == 0]
     return rows
 
 
@@ -55,7 +65,7 @@ def write_joined(runs: list[Path], out: Path) -> Path:
              f"({', '.join(r.name for r in runs)}) and joined by benchmarks/seed_spread.py; "
              "every learned method once per seed, the others scored once."]
     report = write_report(out, rows, order, curves={}, notes=notes, figures=[],
-                          held_out=held_out)
+                          held_out=held_out, detection=joined_detection(runs))
     kept, held = split_held_out(rows, held_out)
     claims = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                for k, v in c.items()} for c in headline_claims(kept, held)]

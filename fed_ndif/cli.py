@@ -108,7 +108,9 @@ def _finetune(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from fed_ndif.config import load_config
     from fed_ndif.evaluation.compare import evaluate_site
+    from fed_ndif.evaluation.detectability import DetectionTask
 
     models = {}
     for item in args.model:
@@ -119,7 +121,9 @@ def _evaluate(args: argparse.Namespace) -> None:
     report = evaluate_site(Path(args.manifest), Path(args.out_dir), models=models,
                            filters=not args.no_filters, split=args.split, device=args.device,
                            overwrite=args.overwrite, reference=args.reference,
-                           count_levels=args.count_level)
+                           count_levels=args.count_level,
+                           detection=None if args.no_detectability else DetectionTask.from_config(
+                               load_config("simulate").compare.detectability))
     print(f"report: {report}")
 
 
@@ -347,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[], metavar="NAME=CHECKPOINT",
                    help="a checkpoint to evaluate under NAME (repeatable)")
     p.add_argument("--no-filters", action="store_true", help="skip the Gaussian and NLM baselines")
+    p.add_argument("--no-detectability", action="store_true",
+                   help="skip the small-lesion model observer (compare.detectability settings)")
     p.add_argument("--count-level", type=float, action="append", metavar="FRACTION",
                    help="score only studies at this count level, e.g. 0.1 (repeatable; default: "
                         "all)")

@@ -56,6 +56,13 @@ from fed_ndif.evaluation.compare import (
     tuned_filters,
     write_rows,
 )
+from fed_ndif.evaluation.detectability import (
+    DETECTION_CSV,
+    DetectionTask,
+    read_detection,
+    score_detection,
+    write_detection,
+)
 from fed_ndif.evaluation.report import figure_lesion_slices, write_report
 from fed_ndif.run_config import federated_config
 from fed_ndif.runtime.simulation import run_flower_simulation
@@ -216,7 +223,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
     sites = list(cfg.sites.keys())
     budget = Budget.from_config(cfg)
     seeds = int(cfg.compare.get("seeds") or 1)
-    rows, figures, curves = _train_and_score(cfg, out_dir, sites_dir, methods)
+    rows, figures, curves, detection = _train_and_score(cfg, out_dir, sites_dir, methods)
     notes = [
         budget.notes(float(cfg.compare.finetune_lr)),
         *_selection_notes(out_dir / "personalized", sites),
@@ -228,11 +235,13 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
     if seeds > 1:
         learned = [m for m in methods if m in LEARNED]
         rows = [{**r, "seed": 0} if r["method"] in LEARNED else r for r in rows]
+        detection = [{**r, "seed": 0} if r["method"] in LEARNED else r for r in detection]
         for seed in range(1, seeds):
             log.info("training seed %d of %d: %s", seed + 1, seeds, ", ".join(learned))
-            seeded, _, _ = _train_and_score(seed_config(cfg, seed), seed_folder(out_dir, seed),
-                                            sites_dir, learned)
+            seeded, _, _, seeded_detection = _train_and_score(
+                seed_config(cfg, seed), seed_folder(out_dir, seed), sites_dir, learned)
             rows += [{**r, "seed": seed} for r in seeded]
+            detection += [{**r, "seed": seed} for r in seeded_detection]
         write_rows(out_dir / SEEDS_METRICS, rows)
         notes.append(f"Training seeds: {seeds} (`compare.seeds`; train.seed and compare.seed "
                      f"{int(cfg.train.seed)}..{int(cfg.train.seed) + seeds - 1}); every learned "
@@ -249,7 +258,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path, sites_dir: Path) -> Path:
              for shown in ((name, "noise_free") if name == "input" else (name,))]
     held_out = {site: held_out_levels(cfg.data, site) for site in sites}
     return write_report(out_dir, rows, order, curves=curves, notes=notes, figures=figures,
-                        budgets=budgets, held_out=held_out)
+                        budgets=budgets, held_out=held_out, detection=detection)
 
 
 def _federate(cfg: DictConfig, fed: dict[str, Any], *, n_sites: int, work_dir: Path,
@@ -350,8 +359,9 @@ def _train_and_score(cfg: DictConfig, out_dir: Path, sites_dir: Path, methods: l
         last = _train_unless_done(pooled, list(manifests.values()), out_dir / "pooled")
         checkpoints["pooled"] = dict.fromkeys(sites, last)
 
-    rows, figures = score_test_splits(cfg, out_dir, sites, manifests, methods, checkpoints)
-    return rows, figures, curves
+    rows, figures, detection = score_test_splits(cfg, out_dir, sites, manifests, methods,
+                                                 checkpoints)
+    return rows, figures, curves, detection
 
 
 def _selection_notes(folder: Path, sites: list[str]) -> list[str]:
@@ -394,10 +404,13 @@ def score_test_splits(cfg: DictConfig, out_dir: Path, sites: list[str],
                       manifests: dict[str, Path], methods: list[str],
                       checkpoints: dict[str, dict[str, Path]]) -> tuple[list[dict], list[Path]]:
     metrics_csv = out_dir / "metrics.csv"
+    detection_csv = out_dir / DETECTION_CSV
+    task = DetectionTask.from_config(cfg.compare.get("detectability"))
     figures_dir = out_dir / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = read_rows(metrics_csv) if metrics_csv.is_file() else []
-    done = {r["site"] for r in rows}
+    detection: list[dict] = read_detection(detection_csv) if detection_csv.is_file() else []
+    done = {r["site"] for r in rows} & ({r["site"] for r in detection} if task else set(sites))
     figures = []
     for site in sites:
         figure = figures_dir / f"lesion_{site}.png"
@@ -405,6 +418,7 @@ def score_test_splits(cfg: DictConfig, out_dir: Path, sites: list[str],
             figures.append(figure)
             continue
         rows = [r for r in rows if r["site"] != site]
+        detection = [r for r in detection if r["site"] != site]
         levels = list(cfg.compare.count_levels or [])
         levels += [c for c in held_out_levels(cfg.data, site) if levels]
         studies = load_studies(manifests[site], "test", count_levels=levels or None,
@@ -426,6 +440,9 @@ def score_test_splits(cfg: DictConfig, out_dir: Path, sites: list[str],
         chosen, slice_index = _lesion_study(studies)
         site_rows, outputs = score_methods(site, studies, site_methods,
                                            keep_outputs=lambda s, c=chosen: s is c)
+        if task is not None:
+            detection += score_detection(site, studies, site_methods, task)
+            write_detection(detection_csv, detection)
         rows += site_rows
         write_rows(metrics_csv, rows)
         if chosen is not None:
@@ -436,4 +453,4 @@ def score_test_splits(cfg: DictConfig, out_dir: Path, sites: list[str],
             figure_lesion_slices(site, panels, chosen.full, slice_index, figure,
                                  window=(0.0, max(1.0, math.ceil(top))))
             figures.append(figure)
-    return rows, figures
+    return rows, figures, detection

@@ -25,6 +25,12 @@ from fed_ndif.data.nstd import check_nstd, find_liver_voi, liver_nstd
 from fed_ndif.data.resolution import site_resolution
 from fed_ndif.data.volume import Volume
 from fed_ndif.errors import FedNdifError
+from fed_ndif.evaluation.detectability import (
+    DETECTION_CSV,
+    DetectionTask,
+    score_detection,
+    write_detection,
+)
 from fed_ndif.evaluation.filters import TunedFilter, tune_filter
 from fed_ndif.evaluation.lesions import LesionSet, lesion_metrics, summarize_lesions, summary_keys
 from fed_ndif.evaluation.report import write_report
@@ -225,10 +231,12 @@ def read_rows(path: Path) -> list[dict]:
 def evaluate_site(manifest: Path, out_dir: Path, *, models: dict[str, Path],
                   filters: bool = True, split: str = "test", device: str = "cpu",
                   overwrite: bool = False, reference: str | None = None,
-                  count_levels: Sequence[float] | None = None) -> Path:
+                  count_levels: Sequence[float] | None = None,
+                  detection: DetectionTask | None = None) -> Path:
     """``fed-ndif evaluate``: a site scores its own models (and the classical baselines) on
     its held-out studies; writes metrics.csv, figures and report.md into ``out_dir``, with
-    every method's paired difference to ``reference`` (one of ``models``) when given."""
+    every method's paired difference to ``reference`` (one of ``models``) when given, and
+    with ``detection`` the model observer's detectability (detection.csv)."""
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FedNdifError(f"{out_dir} is not empty; choose a new folder or pass --overwrite")
     if reference is not None and reference not in models:
@@ -253,7 +261,10 @@ def evaluate_site(manifest: Path, out_dir: Path, *, models: dict[str, Path],
     (out_dir / "figures").mkdir(exist_ok=True)
     rows, _ = score_methods(site, studies, methods)
     write_rows(out_dir / "metrics.csv", rows)
+    detected = score_detection(site, studies, methods, detection) if detection else []
+    if detected:
+        write_detection(out_dir / DETECTION_CSV, detected)
     notes = [f"Site {site}, split {split}; models: "
              + ", ".join(f"{n} = {p}" for n, p in models.items())]
     return write_report(out_dir, rows, [m.name for m in methods], curves={}, figures=[],
-                        reference=reference, notes=notes)
+                        reference=reference, notes=notes, detection=detected)

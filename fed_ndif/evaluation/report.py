@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from fed_ndif.data.manifest import at_level
+from fed_ndif.evaluation.detectability import detectability_section
 from fed_ndif.evaluation.headline import headline, seed_table
 from fed_ndif.evaluation.paired import (
     FIGURE,
@@ -224,10 +225,12 @@ def _held_out_section(rows: list[dict], method_order: list[str], references: lis
 def write_report(run: Path, rows: list[dict], method_order: list[str], *,
                  curves: dict[str, list[dict]], notes: list[str], figures: list[Path],
                  budgets: dict[str, str] | None = None, reference: str | None = None,
-                 held_out: dict[str, tuple[float, ...]] | None = None) -> Path:
+                 held_out: dict[str, tuple[float, ...]] | None = None,
+                 detection: list[dict] | None = None) -> Path:
     """``reference``: the method every other is paired against (default: Fed-NDIF).
     ``held_out``: per site, count levels it never trained on; their rows get their own
-    section and stay out of every other table."""
+    section and stay out of every other table. ``detection``: the model observer's rows
+    (:mod:`fed_ndif.evaluation.detectability`), at the levels the main tables show."""
     budgets = budgets or {}
     rows, held_rows = split_held_out(rows, held_out or {})
     labels = method_labels(rows)
@@ -279,6 +282,8 @@ def write_report(run: Path, rows: list[dict], method_order: list[str], *,
         lesion_table(rows, method_order, "ge10"), "",
         f"### Lesions < 10 mm ({lesion_count(rows, 'lt10')})\n",
         lesion_table(rows, method_order, "lt10"), "",
+        *detectability_section(split_held_out(detection or [], held_out or {})[0],
+                               method_order, labels),
     ]
     for against in paired_against:
         lines += paired_sections(rows, method_order, against, labels)

@@ -137,7 +137,7 @@ def insert_lesions(low: torch.Tensor, full: torch.Tensor, *, full_stack: torch.T
     fraction of full count; ``body_level`` is ``BODY_SUV`` in network units. Returns new
     tensors; every draw comes from ``generator``, a fixed number per image, so a step is the
     same on resume."""
-    n, channels, height, width = low.shape
+    n, channels, _, width = low.shape
     k = channels // 2
     draws = torch.rand(n, 5, generator=generator)
     low, full = low.clone(), full.clone()
@@ -155,22 +155,39 @@ def insert_lesions(low: torch.Tensor, full: torch.Tensor, *, full_stack: torch.T
         cy, cx = divmod(centre, width)
         # The target slice cuts the sphere anywhere within half a radius of its centre.
         cz = k - (depth_u - 0.5) * radius / step[0]
-        where = {"shape": (channels, height, width), "centre": (cz, float(cy), float(cx)),
-                 "radius_mm": radius, "spacing": step}
-        profile = ball_profile(**where, fwhm_mm=resolution)
-        yy, xx = torch.meshgrid((torch.arange(height) - cy) * step[1],
-                                (torch.arange(width) - cx) * step[2], indexing="ij")
-        near = (yy ** 2 + xx ** 2) <= BACKGROUND_RADIUS_MM ** 2
-        background = float(full[i, 0][near & body].median()) if bool((near & body).any()) \
-            else body_level
-        added = contrast * background * profile.to(low.dtype)
-        # Counts come from the true activity: the noise grows with the unblurred ball's uptake.
-        emitted = contrast * background * ball_profile(**where, fwhm_mm=None).to(low.dtype)
-        mean = _smooth(full_stack[i]).clamp_min(body_level)
-        low[i] = low[i] + added + _noise_scale(emitted / mean, float(count_level[i])) \
-            * (low[i] - full_stack[i])
+        background = local_background(full[i, 0], cy, cx, step[1:], body_level)
+        low[i], added = add_sphere(low[i], full_stack[i], centre=(cz, float(cy), float(cx)),
+                                   radius_mm=radius, uptake=contrast * background,
+                                   spacing=step, fwhm_mm=resolution,
+                                   count_level=float(count_level[i]), body_level=body_level)
         full[i, 0] += added[k]
     return low, full
+
+
+def local_background(full: torch.Tensor, cy: int, cx: int, pixel_mm: tuple[float, float],
+                     body_level: float) -> float:
+    """The full count's median over the body within ``BACKGROUND_RADIUS_MM`` of (cy, cx)."""
+    height, width = full.shape
+    yy, xx = torch.meshgrid((torch.arange(height) - cy) * pixel_mm[0],
+                            (torch.arange(width) - cx) * pixel_mm[1], indexing="ij")
+    near = ((yy ** 2 + xx ** 2) <= BACKGROUND_RADIUS_MM ** 2) & (full > body_level)
+    return float(full[near].median()) if bool(near.any()) else body_level
+
+
+def add_sphere(low: torch.Tensor, full: torch.Tensor, *, centre: tuple[float, float, float],
+               radius_mm: float, uptake: float, spacing: tuple[float, float, float],
+               fwhm_mm: tuple[float, float, float] | None, count_level: float,
+               body_level: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sphere of ``uptake`` (SUV added) at ``centre`` (voxels, z y x) added to the (Z, H, W)
+    low count, with the noise of its uptake; ``full`` is the full count at the same slices.
+    Returns the new low count and the noise-free uptake added (what the full count gains)."""
+    where = {"shape": tuple(low.shape), "centre": centre, "radius_mm": radius_mm,
+             "spacing": spacing}
+    added = uptake * ball_profile(**where, fwhm_mm=fwhm_mm).to(low.dtype)
+    # Counts come from the true activity: the noise grows with the unblurred ball's uptake.
+    emitted = uptake * ball_profile(**where, fwhm_mm=None).to(low.dtype)
+    mean = _smooth(full).clamp_min(body_level)
+    return low + added + _noise_scale(emitted / mean, count_level) * (low - full), added
 
 
 def _noise_scale(relative_added: torch.Tensor, level: float) -> torch.Tensor:
