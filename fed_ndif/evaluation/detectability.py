@@ -36,6 +36,7 @@ from scipy import special
 from scipy.ndimage import gaussian_filter, uniform_filter
 
 from fed_ndif.errors import FedNdifError
+from fed_ndif.evaluation.statistics import MIN_SUBJECTS
 from fed_ndif.training.augment import BODY_SUV, add_sphere, local_background
 
 log = logging.getLogger(__name__)
@@ -288,16 +289,20 @@ def detectability(rows: list[dict], method: str, *, seed: int = 0) -> Detectabil
 
     everyone = [(site, s) for site in sites for s in subjects[site]]
     auc = auc_of(everyone)
+    lesions = sum(1 for *_, lab in scored if lab == 1)
+    if len(everyone) < MIN_SUBJECTS:
+        return Detectability(method, auc, math.nan, math.nan, lesions, len(everyone))
+    # Within sites, as the paired intervals do; all subjects together where a site has too
+    # few to resample.
+    strata = ([[(site, s) for s in subjects[site]] for site in sites]
+              if min(len(v) for v in subjects.values()) >= 3 else [everyone])
     rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(RESAMPLES):
-        keys = [(site, subjects[site][i]) for site in sites
-                for i in rng.integers(0, len(subjects[site]), len(subjects[site]))]
-        draws.append(auc_of(keys))
+    draws = [auc_of([stratum[i] for stratum in strata
+                     for i in rng.integers(0, len(stratum), len(stratum))])
+             for _ in range(RESAMPLES)]
     tail = 100 * (1 - CONFIDENCE) / 2
     low, high = np.nanpercentile(draws, [tail, 100 - tail])
-    return Detectability(method, auc, float(low), float(high),
-                         sum(1 for *_, lab in scored if lab == 1), len(everyone))
+    return Detectability(method, auc, float(low), float(high), lesions, len(everyone))
 
 
 # Slices kept at each end of a slab as context for 2.5D models (k <= 4), where no lesion goes.
@@ -365,13 +370,18 @@ def detectability_section(rows: list[dict], method_order: list[str],
            head, "|---|---|" + "---|" * len(sites)]
     for method in methods:
         overall = detectability([r for r in rows if r["method"] == method], method)
-        cells = [f"{overall.auc:.3f} [{overall.low:.3f}, {overall.high:.3f}] "
-                 f"({overall.lesions} lesions, {overall.subjects} subjects)"
-                 if math.isfinite(overall.auc) else "–"]
-        for site in sites:
-            d = detectability([r for r in rows if r["method"] == method and r["site"] == site],
-                              method)
-            cells.append(f"{d.auc:.3f} [{d.low:.3f}, {d.high:.3f}]"
-                         if math.isfinite(d.auc) else "–")
+        cells = [f"{_auc_cell(overall)} ({overall.lesions} lesions, {overall.subjects} "
+                 "subjects)"]
+        cells += [_auc_cell(detectability(
+            [r for r in rows if r["method"] == method and r["site"] == site], method))
+            for site in sites]
         out.append(f"| {labels.get(method, method)} | " + " | ".join(cells) + " |")
     return [*out, ""]
+
+
+def _auc_cell(d: Detectability) -> str:
+    if not math.isfinite(d.auc):
+        return "–"
+    if not math.isfinite(d.low):
+        return f"{d.auc:.3f} (too few subjects for an interval)"
+    return f"{d.auc:.3f} [{d.low:.3f}, {d.high:.3f}]"
