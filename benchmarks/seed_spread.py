@@ -28,7 +28,7 @@ from fed_ndif.evaluation.compare import read_rows, write_rows
 from fed_ndif.evaluation.detectability import DETECTION_CSV, read_detection
 from fed_ndif.evaluation.headline import headline_claims, seed_table
 from fed_ndif.evaluation.report import split_held_out, write_report
-from fed_ndif.experiment import LEARNED, SEEDS_METRICS
+from fed_ndif.experiment import LEARNED, SEEDS_METRICS, Budget
 
 
 def joined_rows(runs: list[Path]) -> list[dict]:
@@ -64,8 +64,10 @@ def write_joined(runs: list[Path], out: Path) -> Path:
     notes = [f"Training seeds: {len(runs)}, each trained in its own `fed-ndif simulate` folder "
              f"({', '.join(r.name for r in runs)}) and joined by benchmarks/seed_spread.py; "
              "every learned method once per seed, the others scored once."]
+    budget = Budget.from_config(cfg).label()
     report = write_report(out, rows, order, curves={}, notes=notes, figures=[],
-                          held_out=held_out, detection=joined_detection(runs))
+                          held_out=held_out, detection=joined_detection(runs),
+                          budgets={m: budget for m in order if m in LEARNED})
     kept, held = split_held_out(rows, held_out)
     claims = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                for k, v in c.items()} for c in headline_claims(kept, held)]
