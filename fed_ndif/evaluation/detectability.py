@@ -37,7 +37,7 @@ from scipy.ndimage import gaussian_filter, uniform_filter
 
 from fed_ndif.errors import FedNdifError
 from fed_ndif.evaluation.statistics import MIN_SUBJECTS
-from fed_ndif.training.augment import BODY_SUV, add_sphere, local_background
+from fed_ndif.lesion_physics import BODY_SUV, add_sphere, local_background
 
 log = logging.getLogger(__name__)
 

@@ -42,11 +42,12 @@ from fed_ndif.checkpoints import (
 from fed_ndif.data.dataset import SliceStackDataset, held_out_levels, split_studies
 from fed_ndif.errors import FedNdifError
 from fed_ndif.image_metrics import volume_metrics
+from fed_ndif.lesion_physics import BODY_SUV
 from fed_ndif.models.denoise_volume import denoise_volume
 from fed_ndif.models.diffusion import pixel_loss
 from fed_ndif.models.sampling import SamplerConfig
 from fed_ndif.staging import staged_file
-from fed_ndif.training.augment import BODY_SUV, LesionInsertion, insert_lesions
+from fed_ndif.training.augment import LesionInsertion, insert_lesions
 from fed_ndif.training.batches import SEED_STRIDE, batch_sampler
 
 log = logging.getLogger(__name__)
