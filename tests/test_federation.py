@@ -14,9 +14,9 @@ from flwr.clientapp import ClientApp
 from fed_ndif.checkpoints import latest_global_checkpoint, read_checkpoint
 from fed_ndif.client.app import app as client_app
 from fed_ndif.run_config import from_array_record, from_run_config, to_array_record, to_run_config
+from fed_ndif.runtime.inprocess import InProcessGrid
 from fed_ndif.server.app import app as server_app
 from tests.helpers.federation import SITES, tiny_run_config, tiny_sites
-from fed_ndif.runtime.inprocess import InProcessGrid
 
 
 @pytest.fixture(scope="module")

@@ -29,9 +29,9 @@ from fed_ndif.data.nifti import load_nifti
 from fed_ndif.data.sites import make_sites
 from fed_ndif.data.volume import Volume
 from fed_ndif.run_config import to_run_config
+from fed_ndif.runtime.inprocess import InProcessGrid
 from fed_ndif.server.app import app as server_app
 from tests.helpers.exports import FULL_FRAME_MS, build_export, copy_series, plant_identity
-from fed_ndif.runtime.inprocess import InProcessGrid
 
 # Four subjects, long enough (48 x 8 mm) for the automatic liver VOI.
 SITES = ["sites=tiny", "~sites.site_b", "~sites.site_c", "sites.site_a.subjects=4",

@@ -23,10 +23,10 @@ from fed_ndif.checkpoints import latest_global_checkpoint, read_checkpoint
 from fed_ndif.client import app as client_module
 from fed_ndif.errors import FedNdifError
 from fed_ndif.run_config import from_array_record, from_run_config
+from fed_ndif.runtime.inprocess import InProcessGrid
 from fed_ndif.secagg import SecAggSettings
 from fed_ndif.server.app import app as server_app
 from tests.helpers.federation import SITES, tiny_run_config, tiny_sites
-from fed_ndif.runtime.inprocess import InProcessGrid
 
 # Tiny sites have 40-50 training slice stacks: max_weight near that keeps quantization fine.
 SECURE = ["fl.secure_aggregation=true", "fl.secagg.reconstruction_threshold=2",
