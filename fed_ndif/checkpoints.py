@@ -27,7 +27,7 @@ from fed_ndif.errors import FedNdifError
 from fed_ndif.models.denoise_volume import resolve_device
 from fed_ndif.models.diffusion import EMA, DiffusionConfig, DiffusionProcess
 from fed_ndif.models.networks import build_model
-from fed_ndif.models.sampling import SamplerConfig
+from fed_ndif.models.sampling import SamplerConfig, sampler_timesteps
 from fed_ndif.staging import staged_file
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,16 @@ def diffusion_config(cfg: dict) -> DiffusionConfig:
     d = cfg["diffusion"]
     return DiffusionConfig(num_train_timesteps=int(d["num_train_timesteps"]),
                            schedule=str(d["schedule"]), prediction_type=str(d["prediction_type"]),
-                           loss=str(d["loss"]))
+                           loss=str(d["loss"]), focus_fraction=float(d.get("focus_fraction", 0.0)))
+
+
+def diffusion_process(cfg: dict) -> DiffusionProcess:
+    """The process a config trains: its focus steps are those of the config's own sampler."""
+    process_cfg = diffusion_config(cfg)
+    focus = (sampler_timesteps(sampler_config(cfg),
+                               num_train_timesteps=process_cfg.num_train_timesteps)
+             if process_cfg.focus_fraction > 0 else ())
+    return DiffusionProcess(process_cfg, focus_timesteps=tuple(focus))
 
 
 def sampler_config(cfg: dict, **overrides: Any) -> SamplerConfig:
@@ -127,7 +136,7 @@ def build_state(cfg: DictConfig | dict, *, normalization: Normalization | None =
     process = None
     prediction_type = "sample"
     if cfg["model"]["kind"] == "diffusion":
-        process = DiffusionProcess(diffusion_config(cfg))
+        process = diffusion_process(cfg)
         prediction_type = process.cfg.prediction_type
     torch.manual_seed(int(train["seed"]))
     model = build_model(cfg["model"], prediction_type=prediction_type).to(dev)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fed_ndif.checkpoints import diffusion_process, plain_config
+from fed_ndif.config import load_config
 from fed_ndif.errors import FedNdifError
 from fed_ndif.models.diffusion import EMA, DiffusionConfig, DiffusionProcess
 from fed_ndif.models.networks import DiffusionNetConfig, UNet25D, UNetConfig, build_model
@@ -118,3 +120,41 @@ def test_diffusion_net_config_defaults_build_a_working_network():
     with torch.no_grad():
         out = model(x, torch.tensor([10, 500]), torch.tensor([0.1, 0.3]))
     assert out.shape == (2, 1, 20, 28) and torch.isfinite(out).all()
+
+
+class _StepRecorder(torch.nn.Module):
+    """Stands in for a network: records the steps the loss asks about, predicts zeros."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[int] = []
+
+    def forward(self, x, t, nstd):
+        self.steps += t.tolist()
+        return torch.zeros_like(x[:, :1])
+
+
+def _drawn_steps(process: DiffusionProcess, draws: int = 50) -> list[int]:
+    recorder = _StepRecorder()
+    low, full, nstd = torch.zeros(8, 1, 4, 4), torch.zeros(8, 1, 4, 4), torch.ones(8)
+    for seed in range(draws):
+        process.loss(recorder, low=low, full=full, nstd=nstd,
+                     generator=torch.Generator().manual_seed(seed))
+    return recorder.steps
+
+
+def test_focus_puts_its_fraction_of_training_steps_on_the_sampler_steps():
+    cfg = plain_config(load_config("train_local", ["diffusion.focus_fraction=0.75"]))
+    process = diffusion_process(cfg)
+    assert process.focus_timesteps == (999, 444, 111)  # 3 quadratic steps from pure noise
+    steps = _drawn_steps(process)
+    on_focus = sum(t in process.focus_timesteps for t in steps) / len(steps)
+    assert 0.65 < on_focus < 0.85
+    # The uniform draws are the ones an unfocused process makes, so focus 0 changes no seed.
+    uniform = _drawn_steps(DiffusionProcess(DiffusionConfig()))
+    assert all(a == b for a, b in zip(steps, uniform, strict=True)
+                        if a not in process.focus_timesteps)
+    with pytest.raises(FedNdifError, match="focus_fraction"):
+        DiffusionConfig(focus_fraction=1.5)
+    with pytest.raises(FedNdifError, match="sampler's timesteps"):
+        DiffusionProcess(DiffusionConfig(focus_fraction=0.5))

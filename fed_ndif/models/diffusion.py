@@ -28,6 +28,9 @@ class DiffusionConfig:
     schedule: str = "cosine"
     prediction_type: str = "sample"
     loss: str = "l2"
+    # The part of training draws whose step is one the sampler evaluates (the process's
+    # ``focus_timesteps``, from the sampler's config); the rest are uniform over all steps.
+    focus_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -35,6 +38,9 @@ class DiffusionConfig:
                                f"got {self.prediction_type!r}")
         if self.loss not in LOSSES:
             raise FedNdifError(f"diffusion.loss must be one of {LOSSES}, got {self.loss!r}")
+        if not 0.0 <= self.focus_fraction <= 1.0:
+            raise FedNdifError("diffusion.focus_fraction must be in [0, 1], got "
+                               f"{self.focus_fraction}")
 
 
 class DiffusionProcess:
@@ -45,8 +51,14 @@ class DiffusionProcess:
     training and every sampler agree on it.
     """
 
-    def __init__(self, cfg: DiffusionConfig) -> None:
+    def __init__(self, cfg: DiffusionConfig, *, focus_timesteps: tuple[int, ...] = ()) -> None:
+        if cfg.focus_fraction > 0 and not focus_timesteps:
+            raise FedNdifError("diffusion.focus_fraction > 0 needs the sampler's timesteps")
+        if any(not 0 <= t < cfg.num_train_timesteps for t in focus_timesteps):
+            raise FedNdifError(f"focus timesteps {focus_timesteps} outside "
+                               f"[0, {cfg.num_train_timesteps})")
         self.cfg = cfg
+        self.focus_timesteps = tuple(focus_timesteps)
         # prediction_type="sample": samplers hand this scheduler an x0 estimate whatever the
         # network predicts (conversion in to_x0_eps); clipping is done by the samplers.
         self.scheduler = DDPMScheduler(
@@ -100,11 +112,23 @@ class DiffusionProcess:
         n = full.shape[0]
         t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
         noise = torch.randn(full.shape, generator=generator).to(full.device, full.dtype)
-        t = t.to(full.device)
+        t = self._focus(t, generator).to(full.device)
         x_t = self.q_sample(full, t, noise)
         output = model(torch.cat([x_t, low], dim=1), t, nstd)
         target = self.target(full, noise, t)
         return pixel_loss(output, target, kind=self.cfg.loss, weight=weight)
+
+    def _focus(self, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Moves ``focus_fraction`` of the draws onto the sampler's steps: a few-step sampler
+        asks the network about three or so steps of the thousand, and a short training run
+        spends most of its uniform draws elsewhere. Drawn after t and the noise, so that
+        ``focus_fraction=0`` leaves every draw of a seed as it was."""
+        if self.cfg.focus_fraction == 0:
+            return t
+        focus = torch.tensor(self.focus_timesteps, dtype=t.dtype)
+        moved = torch.rand(t.shape, generator=generator) < self.cfg.focus_fraction
+        pick = torch.randint(0, len(focus), t.shape, generator=generator)
+        return torch.where(moved, focus[pick], t)
 
 
 def pixel_loss(output: torch.Tensor, target: torch.Tensor, *, kind: str,

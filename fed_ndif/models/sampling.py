@@ -77,8 +77,16 @@ def ddim_timesteps(*, t_start: int, steps: int, spacing: str = "quadratic") -> l
     return times
 
 
-def _resolve_t_start(process: DiffusionProcess, cfg: SamplerConfig) -> int:
-    last = process.num_train_timesteps - 1
+def sampler_timesteps(cfg: SamplerConfig, *, num_train_timesteps: int) -> list[int]:
+    """The times at which a sampler of ``cfg`` evaluates the network (full DDPM: every one)."""
+    t_start = _resolve_t_start(num_train_timesteps, cfg)
+    if cfg.name == "ddpm" and cfg.steps >= t_start + 1:
+        return list(range(t_start, -1, -1))
+    return ddim_timesteps(t_start=t_start, steps=cfg.steps, spacing=cfg.spacing)
+
+
+def _resolve_t_start(num_train_timesteps: int, cfg: SamplerConfig) -> int:
+    last = num_train_timesteps - 1
     if cfg.warm_start == "none":
         if cfg.t_start not in (None, last):
             raise FedNdifError(f"sampler.t_start={cfg.t_start} needs a warm start (from pure noise "
@@ -157,7 +165,7 @@ def sample_once(model: nn.Module, process: DiffusionProcess, *, low: torch.Tenso
     """One sample (N, 1, H, W), normalized units. ``init``: the warm-start image (x0 estimate).
     ``noise``: where the draws come from (default: ``generator``, in order); the full DDPM
     chain always draws from ``generator`` (MONAI's step draws its own)."""
-    t_start = _resolve_t_start(process, cfg)
+    t_start = _resolve_t_start(process.num_train_timesteps, cfg)
     shape = (low.shape[0], 1, *low.shape[-2:])
     noise = noise or generator_noise(shape, generator)
     x0_range = x0_range if cfg.clip_x0 else None
