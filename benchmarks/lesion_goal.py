@@ -40,6 +40,15 @@ def _interval(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def _seed_averaged(by_seed: dict) -> list[float]:
+    """Each subject's value averaged over training seeds (the subject is the unit that repeats)."""
+    per_subject: dict = {}
+    for means in by_seed.values():
+        for subject, value in means.items():
+            per_subject.setdefault(subject, []).append(value)
+    return [float(np.mean(v)) for v in per_subject.values()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,7 +72,7 @@ def main() -> None:
         for method in args.methods.split(","):
             cells = []
             for metric, (_, low, high) in GOALS.items():
-                values = list(subject_means(mine, method, metric).values())
+                values = _seed_averaged(subject_means(mine, method, metric))
                 if not values:
                     cells.append("–")
                     continue

@@ -146,7 +146,7 @@ def _drawn_steps(process: DiffusionProcess, draws: int = 50) -> list[int]:
 def test_focus_puts_its_fraction_of_training_steps_on_the_sampler_steps():
     cfg = plain_config(load_config("train_local", ["diffusion.focus_fraction=0.75"]))
     process = diffusion_process(cfg)
-    assert process.focus_timesteps == (999, 444, 111)  # 3 quadratic steps from pure noise
+    assert process.focus_timesteps == (150, 67, 17)  # 3 quadratic steps from the warm start
     steps = _drawn_steps(process)
     on_focus = sum(t in process.focus_timesteps for t in steps) / len(steps)
     assert 0.65 < on_focus < 0.85

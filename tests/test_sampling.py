@@ -23,6 +23,9 @@ from fed_ndif.models.sampling import (
 )
 from tests.helpers.models import TINY_MODEL
 
+# The sampler from pure noise (the default starts from the low-count input).
+FROM_NOISE = {"warm_start": "none", "t_start": None}
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -79,7 +82,7 @@ def test_ode_samplers_honour_step_count_and_are_exact_with_an_oracle(name, kind,
     process = DiffusionProcess(DiffusionConfig(prediction_type=kind))
     x0 = torch.rand(2, 1, 8, 8)
     oracle = Oracle(x0, process)
-    cfg = SamplerConfig(name=name, steps=steps, samples=2)
+    cfg = SamplerConfig(name=name, steps=steps, samples=2, **FROM_NOISE)
     mean, std = sample(oracle, process, low=torch.zeros(2, 3, 8, 8), nstd=torch.ones(2), cfg=cfg,
                        generator=torch.Generator().manual_seed(0))
     assert oracle.calls == steps * 2
@@ -146,13 +149,14 @@ def test_warm_start_needs_t_start_and_image():
     low, nstd, g = torch.zeros(1, 3, 8, 8), torch.ones(1), torch.Generator()
     with pytest.raises(FedNdifError, match="t_start"):
         sample_once(Shrink(), process, low=low, nstd=nstd, generator=g,
-                    cfg=SamplerConfig(warm_start="low_count"), init=low[:, :1])
+                    cfg=SamplerConfig(warm_start="low_count", t_start=None),
+                    init=low[:, :1])
     with pytest.raises(FedNdifError, match="initial image"):
         sample_once(Shrink(), process, low=low, nstd=nstd, generator=g,
                     cfg=SamplerConfig(warm_start="unet", t_start=300))
     with pytest.raises(FedNdifError, match="warm start"):
         sample_once(Shrink(), process, low=low, nstd=nstd, generator=g,
-                    cfg=SamplerConfig(t_start=300))
+                    cfg=SamplerConfig(warm_start="none", t_start=300))
 
 
 def test_seeds_give_identical_samples_and_k_samples_give_an_uncertainty():
@@ -175,7 +179,7 @@ def test_x0_is_clamped_to_the_normalization_range():
             return torch.full_like(x[:, :1], -3.0)
 
     out = sample_once(Wild(), process, low=torch.zeros(1, 3, 4, 4), nstd=torch.ones(1),
-                      cfg=SamplerConfig(steps=2), generator=torch.Generator(),
+                      cfg=SamplerConfig(steps=2, **FROM_NOISE), generator=torch.Generator(),
                       x0_range=(0.0, 10.0))
     assert out.min() == 0.0
 
@@ -198,7 +202,7 @@ def test_whole_volume_identity_model_returns_the_input_in_suv():
     vol = _volume()
     for batch_size in (3, 16):
         mean, std = denoise_volume(model, vol, nstd=0.2, normalization=norm, k=1,
-                                   process=process, sampler=SamplerConfig(steps=2, samples=2),
+                                   process=process, sampler=SamplerConfig(steps=2, samples=2, **FROM_NOISE),
                                    batch_size=batch_size, device="cpu", progress=False)
         np.testing.assert_allclose(mean, np.clip(vol, 0, 50), rtol=1e-5, atol=1e-5)
         assert std.shape == vol.shape and np.abs(std).max() < 1e-4
@@ -262,7 +266,7 @@ def test_a_slices_noise_does_not_depend_on_its_batch_or_crop():
     vol = _volume(6)
     kwargs = {"nstd": 0.2, "normalization": Normalization(), "k": 1, "process": process,
               "sampler": SamplerConfig(name="ddim", steps=2, eta=1.0, samples=2,
-                                       clip_x0=False),
+                                       clip_x0=False, **FROM_NOISE),
               "device": "cpu", "progress": False, "body_only": False}
     runs = [denoise_volume(NoisePassThrough(), vol, batch_size=b, seed=s, **kwargs)[0]
             for b, s in ((1, 3), (4, 3), (4, 4))]

@@ -45,8 +45,8 @@ class SamplerConfig:
     steps: int = 3
     spacing: str = "quadratic"
     eta: float = 0.0
-    warm_start: str = "none"
-    t_start: int | None = None  # None: T-1 from noise; a warm start needs an intermediate t
+    warm_start: str = "low_count"
+    t_start: int | None = 150  # None: T-1 from noise; a warm start needs an intermediate t
     samples: int = 1
     clip_x0: bool = True
 
