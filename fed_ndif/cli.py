@@ -61,8 +61,8 @@ def _denoise(args: argparse.Namespace) -> None:
 
     result = denoise_study(
         Path(args.input), Path(args.output), checkpoint=Path(args.checkpoint), steps=args.steps,
-        samples=args.samples, sampler_name=args.sampler, uncertainty=args.uncertainty,
-        output_format=args.format,
+        samples=args.samples, sampler_name=args.sampler, warm_start=args.warm_start,
+        uncertainty=args.uncertainty, output_format=args.format,
         liver_mask=Path(args.liver_mask) if args.liver_mask else None, nstd=args.nstd,
         device=args.device,
         precision=args.precision, overwrite=args.overwrite, weight_kg=args.weight,
@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the checkpoint's (shipped configs: dpmpp_2m, DPM-Solver++(2M), 3 steps)")
     p.add_argument("--samples", type=int, metavar="K", help="samples averaged per slice; "
                    "default: the checkpoint's sampler setting (1 on the shipped configs)")
+    p.add_argument("--warm-start", metavar="STEP|none", help="start sampling from the low-count "
+                   "input noised to diffusion step STEP (shipped configs: 150, which keeps lesion "
+                   "uptake), or from pure noise with 'none'; default: the checkpoint's setting")
     p.add_argument("--uncertainty", action="store_true", help="also write the per-voxel std "
                    "over the samples (SUV) as its own series/file; needs --samples 2 or more")
     p.add_argument("--format", choices=("dicom", "nifti", "both"), help="output format; default: "

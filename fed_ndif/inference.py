@@ -201,11 +201,30 @@ class LoadedModel:
     engine: str  # e.g. "onnxruntime, 2 threads"
 
 
+def _warm_start_overrides(warm_start: str | None, total: int) -> dict[str, Any]:
+    if warm_start is None:
+        return {}
+    if warm_start == "none":
+        return {"warm_start": "none", "t_start": None}
+    try:
+        step = int(warm_start)
+    except ValueError:
+        step = -1
+    if not 0 <= step < total:
+        raise FedNdifError(f"--warm-start {warm_start}: give 'none' (from pure noise) or a "
+                           f"diffusion step from 0 to {total - 1}")
+    return {"warm_start": "low_count", "t_start": step}
+
+
 def load_model(checkpoint: str | Path, *, steps: int | None = None, samples: int | None = None,
                uncertainty: bool = False, device: str = "auto", precision: str = "fp32",
                sampler_name: str | None = None, batch_size: int | None = None,
-               engine: str = "auto", threads: int | None = None) -> LoadedModel:
+               engine: str = "auto", threads: int | None = None,
+               warm_start: str | None = None) -> LoadedModel:
     """Read and check the checkpoint (no code executed: ``weights_only=True``), then load it.
+
+    ``warm_start``: ``"none"`` samples from pure noise, a step number starts from the low-count
+    input noised to that step; default: the checkpoint's sampler setting.
 
     ``threads`` (default: every core this process may use) sets PyTorch's and the engine's
     thread count for the process; ``engine``: see :mod:`fed_ndif.models.engines`.
@@ -224,8 +243,9 @@ def load_model(checkpoint: str | Path, *, steps: int | None = None, samples: int
                                                    ("name", sampler_name))
                      if value is not None}
         try:
-            sampler = sampler_config(cfg, **overrides)
             total = int(cfg["diffusion"]["num_train_timesteps"])
+            overrides.update(_warm_start_overrides(warm_start, total))
+            sampler = sampler_config(cfg, **overrides)
         except (KeyError, TypeError) as exc:
             raise FedNdifError(f"{checkpoint}: the checkpoint's diffusion/sampler settings are "
                                f"incomplete ({exc.__class__.__name__}: {exc})") from None
@@ -308,7 +328,7 @@ def _load_mask(path: Path, volume: Volume) -> np.ndarray:
 def denoise_study(
     input_path: str | Path, output: str | Path, *, checkpoint: str | Path | None = None,
     steps: int | None = None, samples: int | None = None, sampler_name: str | None = None,
-    uncertainty: bool = False, output_format: str | None = None,
+    warm_start: str | None = None, uncertainty: bool = False, output_format: str | None = None,
     liver_mask: str | Path | None = None, nstd: float | None = None,
     device: str = "auto", precision: str = "fp32", overwrite: bool = False,
     weight_kg: float | None = None, dose_bq: float | None = None, series_uid: str | None = None,
@@ -317,7 +337,8 @@ def denoise_study(
 ) -> DenoiseResult:
     """Denoise the PET study at ``input_path`` into ``output``; see ``docs/denoise.md``.
 
-    ``steps`` / ``samples`` / ``sampler_name`` default to the checkpoint's sampler settings;
+    ``steps`` / ``samples`` / ``sampler_name`` / ``warm_start`` default to the checkpoint's
+    sampler settings;
     ``output_format`` defaults to the input's kind (``dicom`` for a DICOM folder, ``nifti`` for
     a NIfTI file). ``weight_kg`` / ``dose_bq`` / ``series_uid`` apply to DICOM input, as in
     :func:`~fed_ndif.data.dicom.read_pet_series`. ``model`` (from :func:`load_model`) replaces
@@ -350,7 +371,7 @@ def denoise_study(
     if model is None:
         assert checkpoint is not None
         model = load_model(checkpoint, steps=steps, samples=samples, sampler_name=sampler_name,
-                           uncertainty=uncertainty, device=device, precision=precision,
+                           warm_start=warm_start, uncertainty=uncertainty, device=device, precision=precision,
                            batch_size=batch_size, engine=engine, threads=threads)
     state, dev = model.state, model.device
 

@@ -170,6 +170,29 @@ def test_sampler_option_replaces_the_checkpoints_sampler(trained, tmp_path, caps
     assert np.abs(ddim - default).max() > 1e-5
 
 
+def test_warm_start_option_replaces_the_checkpoints_start(trained, tmp_path, capsys):
+    source = load_nifti(trained["nifti"])
+    outputs = {}
+    for start in ("none", "40"):
+        out = tmp_path / f"{start}.nii.gz"
+        code, errors = _run([str(trained["nifti"]), str(out), "--checkpoint",
+                             str(trained["ckpt"]), "--steps", "3", "--liver-mask",
+                             str(trained["mask"]), "--warm-start", start], capsys)
+        assert code == 0 and errors == []
+        outputs[start] = load_nifti(out).array
+    noise, _ = _direct(trained, source, steps=3, samples=1, warm_start="none", t_start=None)
+    warm, _ = _direct(trained, source, steps=3, samples=1, warm_start="low_count", t_start=40)
+    np.testing.assert_allclose(outputs["none"], noise, atol=1e-6)
+    np.testing.assert_allclose(outputs["40"], warm, atol=1e-6)
+    assert np.abs(noise - warm).max() > 1e-5
+    for bad in ("1000", "-1", "soon"):
+        code, errors = _run([str(trained["nifti"]), str(tmp_path / "bad.nii.gz"),
+                             "--checkpoint", str(trained["ckpt"]), "--warm-start", bad,
+                             "--liver-mask", str(trained["mask"])], capsys)
+        assert code == 2 and len(errors) == 1 and f"--warm-start {bad}" in errors[0], errors
+        assert not (tmp_path / "bad.nii.gz").exists()
+
+
 def test_every_sampler_can_be_chosen_on_the_command_line():
     """The CLI lists the samplers itself (it imports no torch); it must offer each one."""
     from fed_ndif.cli import build_parser
@@ -414,7 +437,7 @@ def test_help_explains_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--checkpoint", "--steps", "--samples", "--uncertainty", "--format",
                    "--liver-mask", "--device", "--precision", "--overwrite", "--weight", "--dose",
-                   "--series-uid", "--seed", "--batch-size", "--sampler"):
+                   "--series-uid", "--seed", "--batch-size", "--sampler", "--warm-start"):
         assert option in text
     assert text.count("\n  --") >= 15
 
