@@ -371,8 +371,9 @@ def denoise_study(
     if model is None:
         assert checkpoint is not None
         model = load_model(checkpoint, steps=steps, samples=samples, sampler_name=sampler_name,
-                           warm_start=warm_start, uncertainty=uncertainty, device=device, precision=precision,
-                           batch_size=batch_size, engine=engine, threads=threads)
+                           warm_start=warm_start, uncertainty=uncertainty, device=device,
+                           precision=precision, batch_size=batch_size, engine=engine,
+                           threads=threads)
     state, dev = model.state, model.device
 
     # Outputs are written beside their final names and renamed into place only when complete.

@@ -202,7 +202,8 @@ def test_whole_volume_identity_model_returns_the_input_in_suv():
     vol = _volume()
     for batch_size in (3, 16):
         mean, std = denoise_volume(model, vol, nstd=0.2, normalization=norm, k=1,
-                                   process=process, sampler=SamplerConfig(steps=2, samples=2, **FROM_NOISE),
+                                   process=process,
+                                   sampler=SamplerConfig(steps=2, samples=2, **FROM_NOISE),
                                    batch_size=batch_size, device="cpu", progress=False)
         np.testing.assert_allclose(mean, np.clip(vol, 0, 50), rtol=1e-5, atol=1e-5)
         assert std.shape == vol.shape and np.abs(std).max() < 1e-4
