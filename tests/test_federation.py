@@ -71,8 +71,11 @@ def test_run_config_round_trips_the_hydra_config(sites_root, tmp_path):
     assert all(isinstance(v, bool | int | float | str) for v in flat.values())
     nested = from_run_config(flat)
     assert nested["data"]["sites"] == SITES and nested["fl"]["rounds"] == 2
-    assert nested["diffusion"]["sampler"]["t_start"] is None
+    assert nested["diffusion"]["sampler"]["t_start"] == 150
     assert to_run_config(nested) == flat
+    # A null (sampling from pure noise) must survive the flat run config too.
+    nested["diffusion"]["sampler"].update(warm_start="none", t_start=None)
+    assert from_run_config(to_run_config(nested))["diffusion"]["sampler"]["t_start"] is None
 
 
 def test_global_model_is_the_example_weighted_mean_of_site_updates(sites_root, tmp_path):
