@@ -101,7 +101,9 @@ def diffusion_config(cfg: dict) -> DiffusionConfig:
     d = cfg["diffusion"]
     return DiffusionConfig(num_train_timesteps=int(d["num_train_timesteps"]),
                            schedule=str(d["schedule"]), prediction_type=str(d["prediction_type"]),
-                           loss=str(d["loss"]), focus_fraction=float(d.get("focus_fraction", 0.0)))
+                           loss=str(d["loss"]), focus_fraction=float(d.get("focus_fraction", 0.0)),
+                           min_snr_gamma=(None if d.get("min_snr_gamma") is None
+                                          else float(d["min_snr_gamma"])))
 
 
 def diffusion_process(cfg: dict) -> DiffusionProcess:

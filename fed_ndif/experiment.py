@@ -56,6 +56,7 @@ from fed_ndif.evaluation.compare import (
     tuned_filters,
     write_rows,
 )
+from fed_ndif.evaluation.convergence import federation_curve, trainer_curve
 from fed_ndif.evaluation.detectability import (
     DETECTION_CSV,
     DetectionTask,
@@ -65,6 +66,7 @@ from fed_ndif.evaluation.detectability import (
 )
 from fed_ndif.evaluation.report import figure_lesion_slices, write_report
 from fed_ndif.run_config import federated_config
+from fed_ndif.runtime.processes import run_parallel
 from fed_ndif.runtime.simulation import run_flower_simulation
 from fed_ndif.staging import remove_path
 
@@ -181,10 +183,15 @@ class Budget:
                 f"pooled: {self.sites * self.per_site} steps on all sites' data.")
 
 
-def _train_cfg(fed: dict[str, Any], steps: int) -> dict[str, Any]:
+def _train_cfg(fed: dict[str, Any], steps: int, *, val_every: int) -> dict[str, Any]:
     cfg = copy.deepcopy({k: fed[k] for k in ("model", "diffusion", "train", "data")})
-    cfg["train"].update(steps=int(steps), val_every=0, checkpoint_every=0, init_from=None)
+    cfg["train"].update(steps=int(steps), val_every=int(val_every), checkpoint_every=0,
+                        init_from=None)
     return cfg
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def _train_unless_done(cfg: dict[str, Any], manifests: list[Path], out: Path) -> Path:
@@ -315,10 +322,10 @@ def _train_and_score(cfg: DictConfig, out_dir: Path, sites_dir: Path, methods: l
         if not final.is_file():
             raise FedNdifError(f"federation {federation} did not write {final}; see "
                                f"{out_dir / 'federated' / f'.{federation}' / 'logs'}")
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.is_file():
-            curves[LABELS.get(f"{federation}_global", LABELS.get(federation, federation))] = [
-                json.loads(line) for line in metrics.read_text().splitlines()]
+        records = _read_jsonl(run_dir / "metrics.jsonl")
+        if records:
+            name = LABELS.get(f"{federation}_global", LABELS.get(federation, federation))
+            curves[name] = federation_curve(records, local_steps=budget.local_steps)
         for method, needed in NEEDS_FEDERATION.items():
             if needed == federation and method in methods and method != "fedndif_personalized":
                 checkpoints[method] = dict.fromkeys(sites, final)
@@ -347,17 +354,39 @@ def _train_and_score(cfg: DictConfig, out_dir: Path, sites_dir: Path, methods: l
                          patience=int(cfg.compare.get("finetune_patience") or 0),
                          rival=final if val_every and final != start else None)
             checkpoints["fedndif_personalized"][site] = out / chosen
-    if "local" in methods:
-        local = _train_cfg(fed, budget.per_site)
-        for site in sites:
-            log.info("local-only training on %s (%d steps)", site, budget.per_site)
-            checkpoints["local"][site] = _train_unless_done(local, [manifests[site]],
-                                                            out_dir / "local" / site)
+            records = [r for r in _read_jsonl(out / "metrics.jsonl") if r["step"] > 0]
+            if records:
+                curves[f"{LABELS['fedndif_personalized']} ({site})"] = trainer_curve(
+                    records, start=budget.rounds * budget.local_steps)
+    # Local-only and pooled validate every compare.val_every steps per site (0: never), so
+    # that the report can show whether they trained to a plateau. They are independent
+    # trainings: compare.workers processes run them side by side (the longest first).
+    val_every = int(cfg.compare.get("val_every") or 0)
+    jobs: dict[tuple[str, str], tuple] = {}
     if "pooled" in methods:
-        pooled = _train_cfg(fed, len(sites) * budget.per_site)
-        log.info("pooled training on all sites (%d steps)", pooled["train"]["steps"])
-        last = _train_unless_done(pooled, list(manifests.values()), out_dir / "pooled")
-        checkpoints["pooled"] = dict.fromkeys(sites, last)
+        pooled = _train_cfg(fed, len(sites) * budget.per_site,
+                            val_every=len(sites) * val_every)
+        jobs[("pooled", "")] = (pooled, list(manifests.values()), out_dir / "pooled")
+    if "local" in methods:
+        local = _train_cfg(fed, budget.per_site, val_every=val_every)
+        for site in sites:
+            jobs[("local", site)] = (local, [manifests[site]], out_dir / "local" / site)
+    log.info("training %s (%d steps per site) with %d worker(s)",
+             ", ".join(" ".join(key).strip() for key in jobs), budget.per_site,
+             int(cfg.compare.get("workers") or 1))
+    trained = dict(zip(jobs, run_parallel(_train_unless_done, list(jobs.values()),
+                                          workers=int(cfg.compare.get("workers") or 1)),
+                       strict=True))
+    for (method, site), last in trained.items():
+        records = _read_jsonl(last.parent / "metrics.jsonl")
+        if method == "pooled":
+            checkpoints["pooled"] = dict.fromkeys(sites, last)
+            if val_every and records:
+                curves[LABELS["pooled"]] = trainer_curve(records, sites=len(sites))
+        else:
+            checkpoints["local"][site] = last
+            if val_every and records:
+                curves[f"{LABELS['local']} ({site})"] = trainer_curve(records)
 
     rows, figures, detection = score_test_splits(cfg, out_dir, sites, manifests, methods,
                                                  checkpoints)

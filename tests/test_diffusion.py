@@ -158,3 +158,29 @@ def test_focus_puts_its_fraction_of_training_steps_on_the_sampler_steps():
         DiffusionConfig(focus_fraction=1.5)
     with pytest.raises(FedNdifError, match="sampler's timesteps"):
         DiffusionProcess(DiffusionConfig(focus_fraction=0.5))
+
+
+def test_min_snr_weights_every_parameterisation_as_the_capped_x0_error():
+    """An x0 error d costs SNR x d² as an epsilon error and (SNR + 1) x d² as a v error; with
+    the weights each form must cost min(SNR, gamma) x d² (the x0 form divided by gamma)."""
+    t = torch.tensor([0, 5, 150, 400, 999])
+    full = torch.zeros(5, 1, 2, 2)
+    weights = {kind: DiffusionProcess(DiffusionConfig(prediction_type=kind, min_snr_gamma=5.0))
+               ._min_snr_weight(t, like=full).flatten().double()
+               for kind in ("sample", "epsilon", "v_prediction")}
+    a = DiffusionProcess(DiffusionConfig()).alphas_cumprod[t]
+    snr = a / (1 - a)
+    capped = snr.clamp_max(5.0)
+    torch.testing.assert_close(weights["sample"] * 5.0, capped, rtol=1e-5, atol=0)
+    torch.testing.assert_close(weights["epsilon"] * snr, capped, rtol=1e-5, atol=0)
+    torch.testing.assert_close(weights["v_prediction"] * (snr + 1), capped, rtol=1e-5, atol=0)
+    assert weights["sample"][0] == pytest.approx(1.0) and weights["sample"][-1] < 1e-3
+    # Off by default: the loss of a seed is the unweighted one.
+    assert DiffusionProcess(DiffusionConfig())._min_snr_weight(t, like=full) is None
+    low, nstd = torch.zeros(5, 1, 2, 2), torch.ones(5)
+    plain, weighted = (DiffusionProcess(DiffusionConfig(min_snr_gamma=gamma)).loss(
+        _StepRecorder(), low=low, full=full + 1, nstd=nstd,
+        generator=torch.Generator().manual_seed(0)) for gamma in (None, 5.0))
+    assert weighted < plain
+    with pytest.raises(FedNdifError, match="min_snr_gamma"):
+        DiffusionConfig(min_snr_gamma=0.0)

@@ -64,7 +64,7 @@ def test_simulate_runs_real_flower_simulations_and_reports_from_their_data(tmp_p
     """experiment=tiny end to end: three Flower simulations (Ray), fine-tuning, local and
     pooled training, baselines, evaluation and the report."""
     run = tmp_path / "run"
-    assert main(["simulate", "experiment=tiny", f"out_dir={run}",
+    assert main(["simulate", "experiment=tiny", f"out_dir={run}", "compare.val_every=5",
                  "logger.wandb_mode=offline"]) == 0
     # Equal budgets: 2 rounds of 5 steps + 5 fine-tuning steps = 3 rounds for the federations.
     for federation in ("fedndif", "fedavg_unet", "fedavg_no_nstd"):
@@ -104,6 +104,14 @@ def test_simulate_runs_real_flower_simulations_and_reports_from_their_data(tmp_p
         assert line.split("|")[3].strip().startswith(f"{np.mean(mine):.2f}"), (method, line)
     for words in ("SUVpeak", "noise-free", "95 % CI", "≥ 10 mm", "< 10 mm", "| budget |"):
         assert words in report, words
+    # Every learned method's validation curve, on steps per site: local-only 15 steps and
+    # pooled 45 steps validated every 5 per site, fine-tuning after the 10 federated steps.
+    curves = report.split("## Training curves")[1].split("## ")[0]
+    for name, points, steps in (("Fed-NDIF global", 3, 15), ("FedAvg U-Net", 3, 15),
+                                ("Local-only diffusion (site_a)", 3, 15),
+                                ("Pooled diffusion (upper bound)", 3, 15)):
+        assert f"| {name} | {points} | {steps} |" in curves, (name, curves)
+    assert "| Fed-NDIF personalized (site_a) |" in curves
     for figure in ("metrics_vs_count_level", "training_curves", "lesion_site_a"):
         assert (run / "figures" / f"{figure}.png").stat().st_size > 5_000
     assert (run / "config.yaml").is_file()

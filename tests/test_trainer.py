@@ -207,3 +207,28 @@ def test_a_resumed_run_keeps_its_best_model_and_patience(site, tmp_path, monkeyp
     assert load_checkpoint(out / "best.pt").step == 1
     # Patience 2 counts steps 2 and 3 without a gain: it stops at 3, not 4.
     assert load_checkpoint(out / "last.pt").step == 3
+
+
+@pytest.mark.multiprocess
+def test_trainings_in_worker_processes_match_this_process(site, tmp_path):
+    """Local-only and pooled run side by side in spawned workers (compare.workers): the same
+    seeds give the same weights as one after another here; an error in a worker reaches the
+    caller as itself."""
+    from fed_ndif.experiment import _train_unless_done
+    from fed_ndif.runtime.processes import run_parallel
+
+    cfg = tiny_cfg()
+    calls = {workers: [(cfg, [site], tmp_path / f"w{workers}" / name)
+                       for name in ("pooled", "local")] for workers in (1, 2)}
+    for workers, jobs in calls.items():
+        lasts = run_parallel(_train_unless_done, jobs, workers=workers)
+        assert lasts == [out / "last.pt" for _, _, out in jobs]
+    for name in ("pooled", "local"):
+        here = load_checkpoint(tmp_path / "w1" / name / "last.pt")
+        there = load_checkpoint(tmp_path / "w2" / name / "last.pt")
+        assert there.step == here.step == 4
+        for key, value in get_weights(here, ema=True).items():
+            np.testing.assert_array_equal(get_weights(there, ema=True)[key], value, err_msg=key)
+    broken = (cfg, [tmp_path / "missing" / "manifest.csv"], tmp_path / "broken")
+    with pytest.raises(FedNdifError, match="manifest"):
+        run_parallel(_train_unless_done, [broken, broken], workers=2)

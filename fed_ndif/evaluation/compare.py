@@ -34,7 +34,10 @@ from fed_ndif.evaluation.detectability import (
 from fed_ndif.evaluation.filters import TunedFilter, tune_filter
 from fed_ndif.evaluation.lesions import LesionSet, lesion_metrics, summarize_lesions, summary_keys
 from fed_ndif.evaluation.report import write_report
+from fed_ndif.evaluation.texture import KEYS as TEXTURE_KEYS
+from fed_ndif.evaluation.texture import texture_metrics
 from fed_ndif.image_metrics import volume_metrics
+from fed_ndif.models.body import body_mask
 from fed_ndif.models.denoise_volume import denoise_volume, resolve_device
 from fed_ndif.models.engines import available_threads, choose_engine, inference_network
 
@@ -178,6 +181,7 @@ def score_methods(site: str, studies: list[TestStudy], methods: list[Method], *,
     rows, outputs = [], {}
     for study in studies:
         reference_nstd = study.liver_nstd(study.full)
+        texture_masks = {"liver": study.liver > 0, "body": body_mask(study.full, margin_px=0)}
         lesion_set = reference = ideal = None
         if study.lesions is not None:
             lesion_set = LesionSet(study.lesions, study.spacing, study.full,
@@ -196,6 +200,9 @@ def score_methods(site: str, studies: list[TestStudy], methods: list[Method], *,
             if lesion_set is not None:
                 row.update(summarize_lesions(lesion_metrics(
                     lesion_set, lesion_set.uptake(out), reference, ideal)))
+            if study.ideal is not None:
+                row.update(texture_metrics(out, study.full, study.ideal, masks=texture_masks,
+                                           spacing_yx=tuple(study.spacing[1:])))
             rows.append(row)
             if keep_outputs is not None and keep_outputs(study):
                 outputs[(study.study.subject, study.study.count_level, method.name)] = out
@@ -207,7 +214,8 @@ def score_methods(site: str, studies: list[TestStudy], methods: list[Method], *,
 TEXT_FIELDS = ("site", "subject", "method", "label")
 FIELDS = ("site", "subject", "count_level", "method", "label", "psnr", "ssim", "nmse",
           "psnr_field", "ssim_field", "nmse_field", "liver_nstd", "full_count_liver_nstd",
-          *summary_keys(), "seed")  # seed: empty for one run, or a method that does not train
+          *summary_keys(), *TEXTURE_KEYS,
+          "seed")  # seed: empty for one run, or a method that does not train
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:

@@ -18,6 +18,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from fed_ndif.data.manifest import at_level
+from fed_ndif.evaluation.convergence import (
+    PLATEAU_DB,
+    Curve,
+    figure_training_curves,
+    plateau_table,
+)
 from fed_ndif.evaluation.detectability import detectability_section
 from fed_ndif.evaluation.headline import headline, seed_table
 from fed_ndif.evaluation.paired import (
@@ -37,6 +43,8 @@ QUALITY_METRICS = (
     ("nmse", "body NMSE", "{:.4f}"), ("liver_nstd", "liver NSTD", "{:.3f}"),
     ("psnr_field", "field PSNR dB", "{:.2f}"), ("ssim_field", "field SSIM", "{:.3f}"),
     ("nmse_field", "field NMSE", "{:.4f}"),
+    ("nps_power_liver", "liver noise power ×full", "{:.2f}"),
+    ("nps_frequency_liver", "liver noise grain ×full", "{:.2f}"),
 )
 LESION_METRICS = (
     ("suvmax_bias_pct", "SUVmax vs full %", "{:+.1f}"),
@@ -155,25 +163,6 @@ def figure_metric_vs_level(rows: list[dict], method_order: list[str], png: Path)
     plt.close(fig)
 
 
-def figure_training_curves(curves: dict[str, list[dict]], png: Path) -> None:
-    """Per-round training loss (and validation PSNR where recorded) of each federation."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, rounds in curves.items():
-        xs = [r["round"] for r in rounds]
-        axes[0].plot(xs, [r["train"].get("train_loss", math.nan) for r in rounds], marker="o",
-                     label=name)
-        psnr = [r["evaluate"].get("val_psnr", math.nan) for r in rounds]
-        if any(math.isfinite(v) for v in psnr):
-            axes[1].plot(xs, psnr, marker="o", label=name)
-    axes[0].set(xlabel="round", ylabel="site-weighted training loss", title="training loss")
-    axes[1].set(xlabel="round", ylabel="PSNR (dB)", title="validation PSNR (global model)")
-    for ax in axes:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
-
-
 def figure_lesion_slices(site: str, panels: list[tuple[str, np.ndarray]],
                          full: np.ndarray, slice_index: int, png: Path, *,
                          window: tuple[float, float]) -> None:
@@ -223,7 +212,7 @@ def _held_out_section(rows: list[dict], method_order: list[str], references: lis
 
 
 def write_report(run: Path, rows: list[dict], method_order: list[str], *,
-                 curves: dict[str, list[dict]], notes: list[str], figures: list[Path],
+                 curves: dict[str, Curve], notes: list[str], figures: list[Path],
                  budgets: dict[str, str] | None = None, reference: str | None = None,
                  held_out: dict[str, tuple[float, ...]] | None = None,
                  detection: list[dict] | None = None) -> Path:
@@ -253,7 +242,10 @@ def write_report(run: Path, rows: list[dict], method_order: list[str], *,
         "as secondary columns. PSNR data range: the full-count volume's maximum SUV (per "
         "study). SSIM: 3D, 7-voxel window (scikit-image), same data range, averaged over the "
         "body. Liver NSTD: std/mean in the liver mask (texture: far "
-        "below the full-count value means over-smoothed).\n",
+        "below the full-count value means over-smoothed). Noise texture (simulated sites): "
+        "the noise power spectrum of the image minus the noise-free one in the liver, as a "
+        "ratio to full count's: its power (noise variance) and its mean spatial frequency "
+        "(grain; below 1 coarser, blotchier; `fed_ndif/evaluation/texture.py`).\n",
         "Lesion uptake bias (%) is against the full-count image and, on simulated sites, against "
         "the **noise-free** reconstruction of the same scan (its expected counts through the "
         "same OSEM and post-filter): maxima of the noisy full count carry noise, so a perfect "
@@ -295,7 +287,14 @@ def write_report(run: Path, rows: list[dict], method_order: list[str], *,
     lines += seed_table(rows + held_rows)
     lines.append("![metrics against count level](figures/metrics_vs_count_level.png)\n")
     if curves:
-        lines.append("![training curves](figures/training_curves.png)\n")
+        lines += ["## Training curves\n",
+                  "Validation PSNR over training, on one axis: optimizer steps per site. A "
+                  "method has reached its plateau when the best validation PSNR of its last "
+                  f"quarter of training is less than {PLATEAU_DB:g} dB above the best before "
+                  "it; where one has not, its order against the others is the budget's, not "
+                  "the method's. With several training seeds: the first seed's curves.\n",
+                  plateau_table(curves), "",
+                  "![training curves](figures/training_curves.png)\n"]
     lines += ["## Per site and count level\n", tables(rows, method_order, budgets)]
     lines += [f"![{p.stem}](figures/{p.name})\n" for p in figures]
     report = run / "report.md"

@@ -31,6 +31,8 @@ class DiffusionConfig:
     # The part of training draws whose step is one the sampler evaluates (the process's
     # ``focus_timesteps``, from the sampler's config); the rest are uniform over all steps.
     focus_fraction: float = 0.0
+    # min-SNR-gamma loss weighting (Hang et al. 2023); None: every step weighs the same.
+    min_snr_gamma: float | None = None
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -41,6 +43,9 @@ class DiffusionConfig:
         if not 0.0 <= self.focus_fraction <= 1.0:
             raise FedNdifError("diffusion.focus_fraction must be in [0, 1], got "
                                f"{self.focus_fraction}")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise FedNdifError("diffusion.min_snr_gamma must be positive or null, got "
+                               f"{self.min_snr_gamma}")
 
 
 class DiffusionProcess:
@@ -116,7 +121,27 @@ class DiffusionProcess:
         x_t = self.q_sample(full, t, noise)
         output = model(torch.cat([x_t, low], dim=1), t, nstd)
         target = self.target(full, noise, t)
+        step_weight = self._min_snr_weight(t, like=full)
+        if step_weight is not None:
+            weight = step_weight if weight is None else weight * step_weight
         return pixel_loss(output, target, kind=self.cfg.loss, weight=weight)
+
+    def _min_snr_weight(self, t: torch.Tensor, *, like: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample weights that give every parameterisation the x0 loss weighted by
+        min(SNR_t, gamma): steps near pure noise, where x0 can hardly be known, stop dominating
+        the gradient. Written here because MONAI's schedulers have no loss weighting. The x0
+        form is divided by gamma so that no weight exceeds 1 (the learning rate keeps its
+        meaning); the epsilon and v forms are at most 1 already."""
+        gamma = self.cfg.min_snr_gamma
+        if gamma is None:
+            return None
+        a = self.alphas_cumprod.to(like.device)[t.long()]
+        snr = a / (1 - a).clamp_min(1e-12)
+        capped = snr.clamp_max(gamma)
+        kind = self.cfg.prediction_type
+        weight = (capped / gamma if kind == "sample" else capped / snr if kind == "epsilon"
+                  else capped / (snr + 1))
+        return weight.to(like.dtype).reshape((-1,) + (1,) * (like.ndim - 1))
 
     def _focus(self, t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Moves ``focus_fraction`` of the draws onto the sampler's steps: a few-step sampler

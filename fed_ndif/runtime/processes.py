@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import errno
 import logging
+import multiprocessing
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -104,13 +106,15 @@ def wait_for_port(port: int, process: subprocess.Popen, log_file: Path, *,
 PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
-    """A ``preexec_fn`` that makes the child get ``sig`` when its parent dies (Linux).
+def die_with_parent(sig: int = signal.SIGKILL, *, parent: int | None = None
+                    ) -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the child get ``sig`` when its parent (this process, or
+    ``parent``) dies (Linux).
 
     Chosen over polling the parent: the kernel delivers it at once, even after ``kill -9``.
     It only reaches direct children; :func:`start_watchdog` covers their descendants.
     """
-    parent = os.getpid()
+    parent = os.getpid() if parent is None else parent
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork
     except (OSError, AttributeError):  # not Linux: the watchdog alone stops the tree
@@ -122,6 +126,30 @@ def die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None]:
             os.kill(os.getpid(), sig)
 
     return preexec
+
+
+def _pool_worker_start(parent: int, level: int) -> None:
+    die_with_parent(parent=parent)()
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def run_parallel(function: Callable[..., Any], calls: list[tuple], *, workers: int) -> list:
+    """``function(*call)`` for every call, in up to ``workers`` fresh (spawned) processes
+    that die with this one; in this process when ``workers`` is 1. Results in call order; the
+    first call that raises stops the rest. ``function`` must be importable (module level)."""
+    if workers <= 1 or len(calls) <= 1:
+        return [function(*call) for call in calls]
+    with ProcessPoolExecutor(max_workers=min(workers, len(calls)),
+                             mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_pool_worker_start,
+                             initargs=(os.getpid(), logging.getLogger().level)) as pool:
+        futures = [pool.submit(function, *call) for call in calls]
+        try:
+            return [future.result() for future in futures]
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def start_watchdog(tag: str) -> subprocess.Popen:

@@ -1,0 +1,175 @@
+"""The method's three claims where models converge: ``experiment=converge``, every method x N
+training seeds on a 2-core CPU, and the two comparisons a `fed-ndif simulate` report does not
+hold (BENCHMARKS.md, "The method's claims where models converge").
+
+    python benchmarks/converge.py runs/converge                 # 3 seeds, 2 at a time
+    python benchmarks/converge.py runs/converge --seeds 3 --parallel 1 some.key=value
+
+Resumable: each seed is a `fed-ndif simulate` folder (``s<k>``, train.seed and compare.seed k)
+that skips the stages it has finished, and every evaluation below is skipped when its folder
+holds its metrics. Writes, under the root:
+- ``joined/``: the seeds joined by benchmarks/seed_spread.py (report.md, claims.json);
+- ``held_out_scanner/``: a site whose scanner no training site has (configs/sites/
+  held_out_scanner.yaml), scored only at test: (a) the NSTD embedding at an unseen scanner;
+- ``samples/``: Fed-NDIF global with one sample and the mean of K against the FedAvg U-Net,
+  at equal training compute: (c);
+- ``claims.json`` / ``claims.md``: those comparisons, each with its interval over subjects
+  and seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from fed_ndif.config import load_config
+from fed_ndif.data.manifest import MANIFEST_NAME
+from fed_ndif.data.sites import write_sites
+from fed_ndif.evaluation.compare import evaluate_site, read_rows
+from fed_ndif.evaluation.statistics import paired_difference
+from fed_ndif.experiment import Budget
+
+ROOT = Path(__file__).resolve().parents[1]
+FED_NDIF = Path(sys.executable).with_name("fed-ndif")
+CHECKPOINTS = {"fedndif_global": "fedndif", "fedavg_no_nstd": "fedavg_no_nstd",
+               "fedavg_unet": "fedavg_unet"}
+log = logging.getLogger("converge")
+
+
+def _seed_overrides(seed: int, extra: list[str]) -> list[str]:
+    return ["experiment=converge", f"train.seed={seed}", f"compare.seed={seed}",
+            "simulation.engine=inprocess", "logger.wandb_mode=disabled", *extra]
+
+
+def _run_seed(root: Path, seed: int, extra: list[str]) -> float:
+    out = root / f"s{seed}"
+    if (out / "report.md").is_file():
+        return 0.0
+    start = time.monotonic()
+    with (root / f"s{seed}.log").open("a") as logfile:
+        subprocess.run([str(FED_NDIF), "simulate", f"out_dir={out}",
+                        *_seed_overrides(seed, extra)], check=True, stdout=logfile,
+                       stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return time.monotonic() - start
+
+
+def _final_checkpoints(run: Path, cfg) -> dict[str, Path]:
+    rounds = Budget.from_config(cfg).federated_rounds
+    return {name: run / "federated" / folder / "checkpoints" / f"global-round-{rounds:04d}.pt"
+            for name, folder in CHECKPOINTS.items()}
+
+
+def _evaluate(manifest: Path, out: Path, models: dict[str, Path], *, filters: bool,
+              count_levels: list[float] | None) -> list[dict]:
+    if not (out / "metrics.csv").is_file():
+        evaluate_site(manifest, out, models=models, filters=filters, overwrite=True,
+                      count_levels=count_levels)
+    return read_rows(out / "metrics.csv")
+
+
+def _sample_variant(source: Path, target: Path, samples: int) -> Path:
+    if not target.is_file():
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "checkpoint_variant.py"),
+                        str(source), str(target), f"diffusion.sampler.samples={samples}"],
+                       check=True, stdout=subprocess.DEVNULL)
+    return target
+
+
+def _claim(rows: list[dict], name: str, method: str, reference: str, metric: str, *,
+           higher_is_better: bool) -> dict:
+    d = paired_difference(rows, method, reference, metric, higher_is_better=higher_is_better)
+    return {"claim": name, "method": method, "reference": reference, "metric": metric,
+            "mean": d.mean, "low": d.low, "high": d.high, "verdict": d.verdict,
+            "subjects": d.subjects, "seeds": d.seeds}
+
+
+def _seeded(rows: list[dict], seed: int, learned: set[str]) -> list[dict]:
+    return [{**r, "seed": seed} for r in rows if r["method"] in learned] + (
+        [r for r in rows if r["method"] not in learned] if seed == 0 else [])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--parallel", type=int, default=2, help="seeds trained at once")
+    parser.add_argument("--samples", type=int, default=4, help="K of the sample mean")
+    parser.add_argument("overrides", nargs="*", help="hydra overrides of every seed")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    root = args.root.resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = load_config("simulate", _seed_overrides(0, args.overrides))
+    sites = root / "sites"
+    if not sites.is_dir():
+        write_sites(sites, cfg)
+    for seed in range(args.seeds):
+        if not (root / f"s{seed}" / "sites").is_dir():
+            shutil.copytree(sites, root / f"s{seed}" / "sites")
+    start = time.monotonic()
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        walls = list(pool.map(lambda s: _run_seed(root, s, args.overrides), range(args.seeds)))
+    log.info("seeds trained and scored: %.0f s wall (%s s each)", time.monotonic() - start,
+             ", ".join(f"{w:.0f}" for w in walls))
+    runs = [root / f"s{seed}" for seed in range(args.seeds)]
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seed_spread.py"), *map(str, runs),
+                    "--out", str(root / "joined")], check=True)
+
+    held_out = root / "held_out_scanner"
+    if not held_out.is_dir():
+        write_sites(held_out, load_config("make_sites", [
+            "sites=held_out_scanner", "split.val_fraction=0.167", "split.test_fraction=0.833"]))
+    claims, scanner_rows, sample_rows = [], [], []
+    learned = {*CHECKPOINTS, "fedndif_mean"}
+    for seed, run in enumerate(runs):
+        final = _final_checkpoints(run, cfg)
+        scanner_rows += _seeded(_evaluate(
+            held_out / "site_d" / MANIFEST_NAME, held_out / f"eval_s{seed}", final,
+            filters=seed == 0, count_levels=None), seed, learned)
+        mean = _sample_variant(final["fedndif_global"], root / "samples" / f"mean_s{seed}.pt",
+                               args.samples)
+        for site in cfg.sites:
+            models = {"fedndif_global": final["fedndif_global"], "fedndif_mean": mean,
+                      "fedavg_unet": final["fedavg_unet"]}
+            sample_rows += _seeded(_evaluate(
+                run / "sites" / site / MANIFEST_NAME, root / "samples" / f"{site}_s{seed}",
+                models, filters=False, count_levels=list(cfg.compare.count_levels)),
+                seed, learned)
+    for level in sorted({r["count_level"] for r in scanner_rows}):
+        at = [r for r in scanner_rows if r["count_level"] == level]
+        claims.append(_claim(at, f"(a) NSTD embedding at a held-out scanner (site_d, "
+                                 f"{100 * level:g} %)", "fedndif_global", "fedavg_no_nstd",
+                             "psnr", higher_is_better=True))
+    for method, what in (("fedndif_global", "one sample"),
+                         ("fedndif_mean", f"mean of {args.samples} samples")):
+        claims.append(_claim(sample_rows, f"(c) Fed-NDIF global, {what}, against the FedAvg "
+                                          "U-Net", method, "fedavg_unet", "psnr",
+                             higher_is_better=True))
+        claims.append(_claim(sample_rows, f"(c) Fed-NDIF global, {what}, against the FedAvg "
+                                          "U-Net on lesions", method, "fedavg_unet",
+                             "abs_suvpeak_ideal_bias_pct_ge10", higher_is_better=False))
+    claims.append(_claim(sample_rows, f"mean of {args.samples} samples against one sample",
+                         "fedndif_mean", "fedndif_global", "psnr", higher_is_better=True))
+    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+              for k, v in c.items()} for c in claims]
+    (root / "claims.json").write_text(json.dumps(clean, indent=1))
+    lines = ["| claim | metric | difference | 95 % CI | verdict | subjects × seeds |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {c['claim']} | {c['metric']} | {c['mean']:+.2f} | [{c['low']:+.2f}, "
+              f"{c['high']:+.2f}] | {c['verdict']} | {c['subjects']} × {c['seeds']} |"
+              for c in claims]
+    (root / "claims.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
