@@ -165,7 +165,8 @@ def sample_once(model: nn.Module, process: DiffusionProcess, *, low: torch.Tenso
     """One sample (N, 1, H, W), normalized units. ``init``: the warm-start image (x0 estimate).
     ``noise``: where the draws come from (default: ``generator``, in order); the full DDPM
     chain always draws from ``generator`` (MONAI's step draws its own)."""
-    t_start = _resolve_t_start(process.num_train_timesteps, cfg)
+    times = sampler_timesteps(cfg, num_train_timesteps=process.num_train_timesteps)
+    t_start = times[0]
     shape = (low.shape[0], 1, *low.shape[-2:])
     noise = noise or generator_noise(shape, generator)
     x0_range = x0_range if cfg.clip_x0 else None
@@ -179,12 +180,11 @@ def sample_once(model: nn.Module, process: DiffusionProcess, *, low: torch.Tenso
         x = process.q_sample(init.float().to(ref.device), tt.to(ref.device),
                              _noise(noise, ref))
 
-    full_chain = cfg.name == "ddpm" and cfg.steps >= t_start + 1
-    if full_chain:
-        # MONAI's DDPM step is correct for the full chain (previous time = t - 1).
+    if cfg.name == "ddpm" and len(times) == t_start + 1:
+        # The full chain: MONAI's DDPM step is correct for it (previous time = t - 1).
         scheduler = process.scheduler
         x0 = x
-        for t in range(t_start, -1, -1):
+        for t in times:
             x0, _ = _model_x0(model, process, x, t, low, nstd, x0_range)
             if t == 0:
                 return x0
@@ -195,7 +195,6 @@ def sample_once(model: nn.Module, process: DiffusionProcess, *, low: torch.Tenso
             x, _ = scheduler.step(x0, t, x, generator=gen)
         return x0
 
-    times = ddim_timesteps(t_start=t_start, steps=cfg.steps, spacing=cfg.spacing)
     if cfg.name == "dpmpp_2m":
         return _dpmpp_2m(model, process, x, times, low, nstd, x0_range)
     eta = 1.0 if cfg.name == "ddpm" else cfg.eta
