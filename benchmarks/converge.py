@@ -6,13 +6,13 @@ hold (BENCHMARKS.md, "The method's claims where models converge").
     python benchmarks/converge.py runs/converge --seeds 3 --parallel 1 some.key=value
 
 Resumable: each seed is a `fed-ndif simulate` folder (``s<k>``, train.seed and compare.seed k)
-that skips the stages it has finished, and every evaluation below is skipped when its folder
-holds its metrics. Writes, under the root:
+that skips the stages it has finished, then that seed's evaluations below (a process each, as
+soon as its seed is trained), skipped when their folders hold their metrics. Writes, under the root:
 - ``joined/``: the seeds joined by benchmarks/seed_spread.py (report.md, claims.json);
 - ``held_out_scanner/``: a site whose scanner no training site has (configs/sites/
   held_out_scanner.yaml), scored only at test: (a) the NSTD embedding at an unseen scanner;
 - ``samples/``: Fed-NDIF global with one sample and the mean of K against the FedAvg U-Net,
-  at equal training compute: (c);
+  at equal training compute, on body PSNR, lesions and liver noise grain: (c);
 - ``claims.json`` / ``claims.md``: those comparisons, each with its interval over subjects
   and seeds.
 """
@@ -50,15 +50,21 @@ def _seed_overrides(seed: int, extra: list[str]) -> list[str]:
             "simulation.engine=inprocess", "logger.wandb_mode=disabled", *extra]
 
 
-def _run_seed(root: Path, seed: int, extra: list[str]) -> float:
+def _run_seed(root: Path, seed: int, extra: list[str], samples: int) -> float:
+    """Train and score one seed, then its extra evaluations, each in its own process; the
+    seconds it took (0 when it was all done already)."""
     out = root / f"s{seed}"
-    if (out / "report.md").is_file():
-        return 0.0
     start = time.monotonic()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with (root / f"s{seed}.log").open("a") as logfile:
-        subprocess.run([str(FED_NDIF), "simulate", f"out_dir={out}",
-                        *_seed_overrides(seed, extra)], check=True, stdout=logfile,
-                       stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if not (out / "report.md").is_file():
+            subprocess.run([str(FED_NDIF), "simulate", f"out_dir={out}",
+                            *_seed_overrides(seed, extra)], check=True, stdout=logfile,
+                           stderr=subprocess.STDOUT, env=env)
+        if not (root / f"extras_s{seed}.done").is_file():
+            subprocess.run([sys.executable, __file__, str(root), "--extras-of", str(seed),
+                            "--samples", str(samples), *extra], check=True, stdout=logfile,
+                           stderr=subprocess.STDOUT, env=env)
     return time.monotonic() - start
 
 
@@ -97,53 +103,73 @@ def _seeded(rows: list[dict], seed: int, learned: set[str]) -> list[dict]:
         [r for r in rows if r["method"] not in learned] if seed == 0 else [])
 
 
+LEARNED = {*CHECKPOINTS, "fedndif_mean"}
+
+
+def _extras(root: Path, seed: int, cfg, samples: int) -> tuple[list[dict], list[dict]]:
+    """Seed ``seed``'s rows at the held-out scanner and of the sample comparison (evaluated
+    once; later calls read them back)."""
+    run = root / f"s{seed}"
+    final = _final_checkpoints(run, cfg)
+    held_out = root / "held_out_scanner"
+    scanner = {name: final[name] for name in ("fedndif_global", "fedavg_no_nstd")}
+    scanner_rows = _seeded(_evaluate(held_out / "site_d" / MANIFEST_NAME,
+                                     held_out / f"eval_s{seed}", scanner, filters=False,
+                                     count_levels=None), seed, LEARNED)
+    (root / "samples").mkdir(exist_ok=True)
+    mean = _sample_variant(final["fedndif_global"], root / "samples" / f"mean_s{seed}.pt",
+                           samples)
+    sample_rows = []
+    for site in cfg.sites:
+        models = {"fedndif_global": final["fedndif_global"], "fedndif_mean": mean,
+                  "fedavg_unet": final["fedavg_unet"]}
+        sample_rows += _seeded(_evaluate(
+            run / "sites" / site / MANIFEST_NAME, root / "samples" / f"{site}_s{seed}",
+            models, filters=False, count_levels=list(cfg.compare.count_levels)), seed, LEARNED)
+    (root / f"extras_s{seed}.done").touch()
+    return scanner_rows, sample_rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--parallel", type=int, default=2, help="seeds trained at once")
     parser.add_argument("--samples", type=int, default=4, help="K of the sample mean")
+    parser.add_argument("--extras-of", type=int, help=argparse.SUPPRESS)  # one seed's extras
     parser.add_argument("overrides", nargs="*", help="hydra overrides of every seed")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     root = args.root.resolve()
-    root.mkdir(parents=True, exist_ok=True)
     cfg = load_config("simulate", _seed_overrides(0, args.overrides))
+    if args.extras_of is not None:
+        _extras(root, args.extras_of, cfg, args.samples)
+        return
+    root.mkdir(parents=True, exist_ok=True)
     sites = root / "sites"
     if not sites.is_dir():
         write_sites(sites, cfg)
+    held_out = root / "held_out_scanner"
+    if not held_out.is_dir():
+        write_sites(held_out, load_config("make_sites", [
+            "sites=held_out_scanner", "split.val_fraction=0.16", "split.test_fraction=0.82"]))
     for seed in range(args.seeds):
         if not (root / f"s{seed}" / "sites").is_dir():
             shutil.copytree(sites, root / f"s{seed}" / "sites")
     start = time.monotonic()
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        walls = list(pool.map(lambda s: _run_seed(root, s, args.overrides), range(args.seeds)))
+        walls = list(pool.map(lambda s: _run_seed(root, s, args.overrides, args.samples),
+                              range(args.seeds)))
     log.info("seeds trained and scored: %.0f s wall (%s s each)", time.monotonic() - start,
              ", ".join(f"{w:.0f}" for w in walls))
     runs = [root / f"s{seed}" for seed in range(args.seeds)]
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seed_spread.py"), *map(str, runs),
                     "--out", str(root / "joined")], check=True)
-
-    held_out = root / "held_out_scanner"
-    if not held_out.is_dir():
-        write_sites(held_out, load_config("make_sites", [
-            "sites=held_out_scanner", "split.val_fraction=0.167", "split.test_fraction=0.833"]))
     claims, scanner_rows, sample_rows = [], [], []
-    learned = {*CHECKPOINTS, "fedndif_mean"}
-    for seed, run in enumerate(runs):
-        final = _final_checkpoints(run, cfg)
-        scanner_rows += _seeded(_evaluate(
-            held_out / "site_d" / MANIFEST_NAME, held_out / f"eval_s{seed}", final,
-            filters=seed == 0, count_levels=None), seed, learned)
-        mean = _sample_variant(final["fedndif_global"], root / "samples" / f"mean_s{seed}.pt",
-                               args.samples)
-        for site in cfg.sites:
-            models = {"fedndif_global": final["fedndif_global"], "fedndif_mean": mean,
-                      "fedavg_unet": final["fedavg_unet"]}
-            sample_rows += _seeded(_evaluate(
-                run / "sites" / site / MANIFEST_NAME, root / "samples" / f"{site}_s{seed}",
-                models, filters=False, count_levels=list(cfg.compare.count_levels)),
-                seed, learned)
+    for seed in range(args.seeds):
+        scanner, samples = _extras(root, seed, cfg, args.samples)
+        scanner_rows += scanner
+        sample_rows += samples
     for level in sorted({r["count_level"] for r in scanner_rows}):
         at = [r for r in scanner_rows if r["count_level"] == level]
         claims.append(_claim(at, f"(a) NSTD embedding at a held-out scanner (site_d, "
@@ -151,12 +177,12 @@ def main() -> None:
                              "psnr", higher_is_better=True))
     for method, what in (("fedndif_global", "one sample"),
                          ("fedndif_mean", f"mean of {args.samples} samples")):
-        claims.append(_claim(sample_rows, f"(c) Fed-NDIF global, {what}, against the FedAvg "
-                                          "U-Net", method, "fedavg_unet", "psnr",
-                             higher_is_better=True))
-        claims.append(_claim(sample_rows, f"(c) Fed-NDIF global, {what}, against the FedAvg "
-                                          "U-Net on lesions", method, "fedavg_unet",
-                             "abs_suvpeak_ideal_bias_pct_ge10", higher_is_better=False))
+        for metric, better, on in (("psnr", True, "body PSNR"),
+                                   ("abs_suvpeak_ideal_bias_pct_ge10", False, "lesions"),
+                                   ("nps_frequency_liver", True, "liver noise grain")):
+            claims.append(_claim(sample_rows, f"(c) Fed-NDIF global, {what}, against the FedAvg "
+                                              f"U-Net: {on}", method, "fedavg_unet", metric,
+                                 higher_is_better=better))
     claims.append(_claim(sample_rows, f"mean of {args.samples} samples against one sample",
                          "fedndif_mean", "fedndif_global", "psnr", higher_is_better=True))
     clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
