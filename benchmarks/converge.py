@@ -35,7 +35,7 @@ from fed_ndif.config import load_config
 from fed_ndif.data.manifest import MANIFEST_NAME
 from fed_ndif.data.sites import write_sites
 from fed_ndif.evaluation.compare import evaluate_site, read_rows
-from fed_ndif.evaluation.statistics import paired_difference
+from fed_ndif.evaluation.statistics import PairedDifference, holm, paired_difference
 from fed_ndif.experiment import Budget
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,11 +91,19 @@ def _sample_variant(source: Path, target: Path, samples: int) -> Path:
 
 
 def _claim(rows: list[dict], name: str, method: str, reference: str, metric: str, *,
-           higher_is_better: bool) -> dict:
-    d = paired_difference(rows, method, reference, metric, higher_is_better=higher_is_better)
-    return {"claim": name, "method": method, "reference": reference, "metric": metric,
-            "mean": d.mean, "low": d.low, "high": d.high, "verdict": d.verdict,
-            "subjects": d.subjects, "seeds": d.seeds}
+           higher_is_better: bool) -> tuple[str, bool, PairedDifference]:
+    return name, higher_is_better, paired_difference(rows, method, reference, metric,
+                                                     higher_is_better=higher_is_better)
+
+
+def _corrected(claims: list[tuple[str, bool, PairedDifference]]) -> list[dict]:
+    """The claims as one family: Holm-corrected verdicts, as the report's headline."""
+    differences = holm([d for _, _, d in claims],
+                       higher_is_better={d.metric: better for _, better, d in claims})
+    return [{"claim": name, "method": d.method, "reference": d.reference, "metric": d.metric,
+             "mean": d.mean, "low": d.low, "high": d.high, "p_holm": d.p_adjusted,
+             "verdict": d.verdict, "subjects": d.subjects, "seeds": d.seeds}
+            for (name, _, _), d in zip(claims, differences, strict=True)]
 
 
 def _seeded(rows: list[dict], seed: int, learned: set[str]) -> list[dict]:
@@ -137,6 +145,8 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=2, help="seeds trained at once")
     parser.add_argument("--samples", type=int, default=4, help="K of the sample mean")
     parser.add_argument("--extras-of", type=int, help=argparse.SUPPRESS)  # one seed's extras
+    parser.add_argument("--claims-only", action="store_true",
+                        help="only claims.json / claims.md, from seeds already evaluated")
     parser.add_argument("overrides", nargs="*", help="hydra overrides of every seed")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -144,6 +154,9 @@ def main() -> None:
     cfg = load_config("simulate", _seed_overrides(0, args.overrides))
     if args.extras_of is not None:
         _extras(root, args.extras_of, cfg, args.samples)
+        return
+    if args.claims_only:
+        print(write_claims(root, cfg, seeds=args.seeds, samples=args.samples))
         return
     root.mkdir(parents=True, exist_ok=True)
     sites = root / "sites"
@@ -165,36 +178,45 @@ def main() -> None:
     runs = [root / f"s{seed}" for seed in range(args.seeds)]
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seed_spread.py"), *map(str, runs),
                     "--out", str(root / "joined")], check=True)
+    print(write_claims(root, cfg, seeds=args.seeds, samples=args.samples))
+
+
+def write_claims(root: Path, cfg, *, seeds: int, samples: int) -> str:
+    """claims.json and claims.md from every seed's extra evaluations; the markdown table."""
     claims, scanner_rows, sample_rows = [], [], []
-    for seed in range(args.seeds):
-        scanner, samples = _extras(root, seed, cfg, args.samples)
-        scanner_rows += scanner
-        sample_rows += samples
+    for seed in range(seeds):
+        scanner_part, sample_part = _extras(root, seed, cfg, samples)
+        scanner_rows += scanner_part
+        sample_rows += sample_part
     for level in sorted({r["count_level"] for r in scanner_rows}):
         at = [r for r in scanner_rows if r["count_level"] == level]
         claims.append(_claim(at, f"(a) NSTD embedding at a held-out scanner (site_d, "
                                  f"{100 * level:g} %)", "fedndif_global", "fedavg_no_nstd",
                              "psnr", higher_is_better=True))
     for method, what in (("fedndif_global", "one sample"),
-                         ("fedndif_mean", f"mean of {args.samples} samples")):
+                         ("fedndif_mean", f"mean of {samples} samples")):
         for metric, better, on in (("psnr", True, "body PSNR"),
                                    ("abs_suvpeak_ideal_bias_pct_ge10", False, "lesions"),
+                                   ("nps_power_liver", False, "liver noise power"),
                                    ("nps_frequency_liver", True, "liver noise grain")):
             claims.append(_claim(sample_rows, f"(c) Fed-NDIF global, {what}, against the FedAvg "
                                               f"U-Net: {on}", method, "fedavg_unet", metric,
                                  higher_is_better=better))
-    claims.append(_claim(sample_rows, f"mean of {args.samples} samples against one sample",
+    claims.append(_claim(sample_rows, f"mean of {samples} samples against one sample",
                          "fedndif_mean", "fedndif_global", "psnr", higher_is_better=True))
+    claims = _corrected(claims)
     clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
               for k, v in c.items()} for c in claims]
     (root / "claims.json").write_text(json.dumps(clean, indent=1))
-    lines = ["| claim | metric | difference | 95 % CI | verdict | subjects × seeds |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| claim | metric | difference | 95 % CI | Holm p | verdict | subjects × seeds |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {c['claim']} | {c['metric']} | {c['mean']:+.2f} | [{c['low']:+.2f}, "
-              f"{c['high']:+.2f}] | {c['verdict']} | {c['subjects']} × {c['seeds']} |"
-              for c in claims]
+              f"{c['high']:+.2f}] | {c['p_holm']:.3f} | {c['verdict']} | {c['subjects']} × "
+              f"{c['seeds']} |" for c in claims]
     (root / "claims.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines)
+
+
 
 
 if __name__ == "__main__":
