@@ -371,12 +371,12 @@ def _train_and_score(cfg: DictConfig, out_dir: Path, sites_dir: Path, methods: l
         local = _train_cfg(fed, budget.per_site, val_every=val_every)
         for site in sites:
             jobs[("local", site)] = (local, [manifests[site]], out_dir / "local" / site)
-    log.info("training %s (%d steps per site) with %d worker(s)",
-             ", ".join(" ".join(key).strip() for key in jobs), budget.per_site,
-             int(cfg.compare.get("workers") or 1))
+    workers = int(cfg.compare.get("workers") or 1)
+    if jobs:
+        log.info("training %s (%d steps per site) with %d worker(s)",
+                 ", ".join(" ".join(key).strip() for key in jobs), budget.per_site, workers)
     trained = dict(zip(jobs, run_parallel(_train_unless_done, list(jobs.values()),
-                                          workers=int(cfg.compare.get("workers") or 1)),
-                       strict=True))
+                                          workers=workers), strict=True))
     for (method, site), last in trained.items():
         records = _read_jsonl(last.parent / "metrics.jsonl")
         if method == "pooled":
