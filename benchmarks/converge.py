@@ -31,6 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from fed_ndif.checkpoints import global_checkpoint_path
 from fed_ndif.config import load_config
 from fed_ndif.data.manifest import MANIFEST_NAME
 from fed_ndif.data.sites import write_sites
@@ -70,7 +71,7 @@ def _run_seed(root: Path, seed: int, extra: list[str], samples: int) -> float:
 
 def _final_checkpoints(run: Path, cfg) -> dict[str, Path]:
     rounds = Budget.from_config(cfg).federated_rounds
-    return {name: run / "federated" / folder / "checkpoints" / f"global-round-{rounds:04d}.pt"
+    return {name: global_checkpoint_path(run / "federated" / folder, rounds)
             for name, folder in CHECKPOINTS.items()}
 
 
@@ -138,6 +139,42 @@ def _extras(root: Path, seed: int, cfg, samples: int) -> tuple[list[dict], list[
     return scanner_rows, sample_rows
 
 
+def write_claims(root: Path, cfg, *, seeds: int, samples: int) -> str:
+    """claims.json and claims.md from every seed's extra evaluations; the markdown table."""
+    claims, scanner_rows, sample_rows = [], [], []
+    for seed in range(seeds):
+        scanner_part, sample_part = _extras(root, seed, cfg, samples)
+        scanner_rows += scanner_part
+        sample_rows += sample_part
+    for level in sorted({r["count_level"] for r in scanner_rows}):
+        at = [r for r in scanner_rows if r["count_level"] == level]
+        claims.append(_claim(at, f"(a) NSTD embedding at a held-out scanner (site_d, "
+                                 f"{100 * level:g} %)", "fedndif_global", "fedavg_no_nstd",
+                             "psnr", higher_is_better=True))
+    for method, what in (("fedndif_global", "one sample"),
+                         ("fedndif_mean", f"mean of {samples} samples")):
+        for metric, better, on in (("psnr", True, "body PSNR"),
+                                   ("abs_suvpeak_ideal_bias_pct_ge10", False, "lesions"),
+                                   ("nps_power_liver", False, "liver noise power"),
+                                   ("nps_frequency_liver", True, "liver noise grain")):
+            claims.append(_claim(sample_rows, f"(c) Fed-NDIF global, {what}, against the FedAvg "
+                                              f"U-Net: {on}", method, "fedavg_unet", metric,
+                                 higher_is_better=better))
+    claims.append(_claim(sample_rows, f"mean of {samples} samples against one sample",
+                         "fedndif_mean", "fedndif_global", "psnr", higher_is_better=True))
+    claims = _corrected(claims)
+    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+              for k, v in c.items()} for c in claims]
+    (root / "claims.json").write_text(json.dumps(clean, indent=1))
+    lines = ["| claim | metric | difference | 95 % CI | Holm p | verdict | subjects × seeds |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {c['claim']} | {c['metric']} | {c['mean']:+.2f} | [{c['low']:+.2f}, "
+              f"{c['high']:+.2f}] | {c['p_holm']:.3f} | {c['verdict']} | {c['subjects']} × "
+              f"{c['seeds']} |" for c in claims]
+    (root / "claims.md").write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
@@ -179,44 +216,6 @@ def main() -> None:
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "seed_spread.py"), *map(str, runs),
                     "--out", str(root / "joined")], check=True)
     print(write_claims(root, cfg, seeds=args.seeds, samples=args.samples))
-
-
-def write_claims(root: Path, cfg, *, seeds: int, samples: int) -> str:
-    """claims.json and claims.md from every seed's extra evaluations; the markdown table."""
-    claims, scanner_rows, sample_rows = [], [], []
-    for seed in range(seeds):
-        scanner_part, sample_part = _extras(root, seed, cfg, samples)
-        scanner_rows += scanner_part
-        sample_rows += sample_part
-    for level in sorted({r["count_level"] for r in scanner_rows}):
-        at = [r for r in scanner_rows if r["count_level"] == level]
-        claims.append(_claim(at, f"(a) NSTD embedding at a held-out scanner (site_d, "
-                                 f"{100 * level:g} %)", "fedndif_global", "fedavg_no_nstd",
-                             "psnr", higher_is_better=True))
-    for method, what in (("fedndif_global", "one sample"),
-                         ("fedndif_mean", f"mean of {samples} samples")):
-        for metric, better, on in (("psnr", True, "body PSNR"),
-                                   ("abs_suvpeak_ideal_bias_pct_ge10", False, "lesions"),
-                                   ("nps_power_liver", False, "liver noise power"),
-                                   ("nps_frequency_liver", True, "liver noise grain")):
-            claims.append(_claim(sample_rows, f"(c) Fed-NDIF global, {what}, against the FedAvg "
-                                              f"U-Net: {on}", method, "fedavg_unet", metric,
-                                 higher_is_better=better))
-    claims.append(_claim(sample_rows, f"mean of {samples} samples against one sample",
-                         "fedndif_mean", "fedndif_global", "psnr", higher_is_better=True))
-    claims = _corrected(claims)
-    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-              for k, v in c.items()} for c in claims]
-    (root / "claims.json").write_text(json.dumps(clean, indent=1))
-    lines = ["| claim | metric | difference | 95 % CI | Holm p | verdict | subjects × seeds |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {c['claim']} | {c['metric']} | {c['mean']:+.2f} | [{c['low']:+.2f}, "
-              f"{c['high']:+.2f}] | {c['p_holm']:.3f} | {c['verdict']} | {c['subjects']} × "
-              f"{c['seeds']} |" for c in claims]
-    (root / "claims.md").write_text("\n".join(lines) + "\n")
-    return "\n".join(lines)
-
-
 
 
 if __name__ == "__main__":
