@@ -13,8 +13,13 @@ soon as its seed is trained), skipped when their folders hold their metrics. Wri
   held_out_scanner.yaml), scored only at test: (a) the NSTD embedding at an unseen scanner;
 - ``samples/``: Fed-NDIF global with one sample and the mean of K against the FedAvg U-Net,
   at equal training compute, on body PSNR, lesions and liver noise grain: (c);
-- ``claims.json`` / ``claims.md``: those comparisons, each with its interval over subjects
-  and seeds.
+- ``claims.json`` / ``claims.md``: the three claims in one table, each with its interval over
+  subjects and seeds, Holm-corrected as one family: (a) at the held-out scanner and at the
+  held-out count level, (b) federation against local-only and pooled over all sites (per site
+  in ``joined/report.md``), (c) from ``samples/``.
+
+``--experiment`` picks another setting of the same design (benchmarks/gpu.sh runs
+``converge_gpu``). Each seed runs with this process's OMP_NUM_THREADS (1 when unset).
 """
 
 from __future__ import annotations
@@ -40,32 +45,33 @@ from fed_ndif.evaluation.statistics import PairedDifference, holm, paired_differ
 from fed_ndif.experiment import Budget
 
 ROOT = Path(__file__).resolve().parents[1]
-FED_NDIF = Path(sys.executable).with_name("fed-ndif")
+# The package's entry point by module: a GPU machine installs wheels without console scripts.
+FED_NDIF = [sys.executable, "-m", "fed_ndif.cli"]
 CHECKPOINTS = {"fedndif_global": "fedndif", "fedavg_no_nstd": "fedavg_no_nstd",
                "fedavg_unet": "fedavg_unet"}
 log = logging.getLogger("converge")
 
 
-def _seed_overrides(seed: int, extra: list[str]) -> list[str]:
-    return ["experiment=converge", f"train.seed={seed}", f"compare.seed={seed}",
+def _seed_overrides(seed: int, extra: list[str], experiment: str) -> list[str]:
+    return [f"experiment={experiment}", f"train.seed={seed}", f"compare.seed={seed}",
             "simulation.engine=inprocess", "logger.wandb_mode=disabled", *extra]
 
 
-def _run_seed(root: Path, seed: int, extra: list[str], samples: int) -> float:
+def _run_seed(root: Path, seed: int, extra: list[str], samples: int, experiment: str) -> float:
     """Train and score one seed, then its extra evaluations, each in its own process; the
     seconds it took (0 when it was all done already)."""
     out = root / f"s{seed}"
     start = time.monotonic()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with (root / f"s{seed}.log").open("a") as logfile:
         if not (out / "report.md").is_file():
-            subprocess.run([str(FED_NDIF), "simulate", f"out_dir={out}",
-                            *_seed_overrides(seed, extra)], check=True, stdout=logfile,
+            subprocess.run([*FED_NDIF, "simulate", f"out_dir={out}",
+                            *_seed_overrides(seed, extra, experiment)], check=True, stdout=logfile,
                            stderr=subprocess.STDOUT, env=env)
         if not (root / f"extras_s{seed}.done").is_file():
             subprocess.run([sys.executable, __file__, str(root), "--extras-of", str(seed),
-                            "--samples", str(samples), *extra], check=True, stdout=logfile,
-                           stderr=subprocess.STDOUT, env=env)
+                            "--samples", str(samples), "--experiment", experiment, *extra],
+                           check=True, stdout=logfile, stderr=subprocess.STDOUT, env=env)
     return time.monotonic() - start
 
 
@@ -76,10 +82,10 @@ def _final_checkpoints(run: Path, cfg) -> dict[str, Path]:
 
 
 def _evaluate(manifest: Path, out: Path, models: dict[str, Path], *, filters: bool,
-              count_levels: list[float] | None) -> list[dict]:
+              count_levels: list[float] | None, device: str) -> list[dict]:
     if not (out / "metrics.csv").is_file():
         evaluate_site(manifest, out, models=models, filters=filters, overwrite=True,
-                      count_levels=count_levels)
+                      count_levels=count_levels, device=device)
     return read_rows(out / "metrics.csv")
 
 
@@ -112,7 +118,7 @@ def _seeded(rows: list[dict], seed: int, learned: set[str]) -> list[dict]:
         [r for r in rows if r["method"] not in learned] if seed == 0 else [])
 
 
-LEARNED = {*CHECKPOINTS, "fedndif_mean"}
+LEARNED = {*CHECKPOINTS, "fedndif_mean", "fedndif_personalized", "local", "pooled"}
 
 
 def _extras(root: Path, seed: int, cfg, samples: int) -> tuple[list[dict], list[dict]]:
@@ -124,7 +130,8 @@ def _extras(root: Path, seed: int, cfg, samples: int) -> tuple[list[dict], list[
     scanner = {name: final[name] for name in ("fedndif_global", "fedavg_no_nstd")}
     scanner_rows = _seeded(_evaluate(held_out / "site_d" / MANIFEST_NAME,
                                      held_out / f"eval_s{seed}", scanner, filters=False,
-                                     count_levels=None), seed, LEARNED)
+                                     count_levels=None, device=cfg.compare.device), seed,
+                           LEARNED)
     (root / "samples").mkdir(exist_ok=True)
     mean = _sample_variant(final["fedndif_global"], root / "samples" / f"mean_s{seed}.pt",
                            samples)
@@ -134,23 +141,38 @@ def _extras(root: Path, seed: int, cfg, samples: int) -> tuple[list[dict], list[
                   "fedavg_unet": final["fedavg_unet"]}
         sample_rows += _seeded(_evaluate(
             run / "sites" / site / MANIFEST_NAME, root / "samples" / f"{site}_s{seed}",
-            models, filters=False, count_levels=list(cfg.compare.count_levels)), seed, LEARNED)
+            models, filters=False, count_levels=list(cfg.compare.count_levels),
+            device=cfg.compare.device), seed, LEARNED)
     (root / f"extras_s{seed}.done").touch()
     return scanner_rows, sample_rows
 
 
 def write_claims(root: Path, cfg, *, seeds: int, samples: int) -> str:
     """claims.json and claims.md from every seed's extra evaluations; the markdown table."""
-    claims, scanner_rows, sample_rows = [], [], []
+    claims, scanner_rows, sample_rows, seed_rows = [], [], [], []
     for seed in range(seeds):
         scanner_part, sample_part = _extras(root, seed, cfg, samples)
         scanner_rows += scanner_part
         sample_rows += sample_part
+        seed_rows += _seeded(read_rows(root / f"s{seed}" / "metrics.csv"), seed, LEARNED)
+    for held in cfg.data.held_out_levels:
+        for level in held.levels:
+            at = [r for r in seed_rows if r["site"] == held.site and r["count_level"] == level]
+            claims.append(_claim(at, f"(a) NSTD embedding at a held-out count level "
+                                     f"({held.site}, {100 * level:g} %)", "fedndif_global",
+                                 "fedavg_no_nstd", "psnr", higher_is_better=True))
     for level in sorted({r["count_level"] for r in scanner_rows}):
         at = [r for r in scanner_rows if r["count_level"] == level]
         claims.append(_claim(at, f"(a) NSTD embedding at a held-out scanner (site_d, "
                                  f"{100 * level:g} %)", "fedndif_global", "fedavg_no_nstd",
                              "psnr", higher_is_better=True))
+    trained = [r for r in seed_rows if r["count_level"] in set(cfg.compare.count_levels)]
+    for method, reference, what in (
+            ("fedndif_global", "local", "Fed-NDIF global against local-only"),
+            ("fedndif_personalized", "local", "Fed-NDIF personalized against local-only"),
+            ("fedndif_global", "pooled", "Fed-NDIF global against pooled")):
+        claims.append(_claim(trained, f"(b) {what}, all sites", method, reference, "psnr",
+                             higher_is_better=True))
     for method, what in (("fedndif_global", "one sample"),
                          ("fedndif_mean", f"mean of {samples} samples")):
         for metric, better, on in (("psnr", True, "body PSNR"),
@@ -181,6 +203,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--parallel", type=int, default=2, help="seeds trained at once")
     parser.add_argument("--samples", type=int, default=4, help="K of the sample mean")
+    parser.add_argument("--experiment", default="converge", help="configs/experiment/ entry")
     parser.add_argument("--extras-of", type=int, help=argparse.SUPPRESS)  # one seed's extras
     parser.add_argument("--claims-only", action="store_true",
                         help="only claims.json / claims.md, from seeds already evaluated")
@@ -188,7 +211,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     root = args.root.resolve()
-    cfg = load_config("simulate", _seed_overrides(0, args.overrides))
+    cfg = load_config("simulate", _seed_overrides(0, args.overrides, args.experiment))
     if args.extras_of is not None:
         _extras(root, args.extras_of, cfg, args.samples)
         return
@@ -208,8 +231,8 @@ def main() -> None:
             shutil.copytree(sites, root / f"s{seed}" / "sites")
     start = time.monotonic()
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        walls = list(pool.map(lambda s: _run_seed(root, s, args.overrides, args.samples),
-                              range(args.seeds)))
+        walls = list(pool.map(lambda s: _run_seed(root, s, args.overrides, args.samples,
+                                                  args.experiment), range(args.seeds)))
     log.info("seeds trained and scored: %.0f s wall (%s s each)", time.monotonic() - start,
              ", ".join(f"{w:.0f}" for w in walls))
     runs = [root / f"s{seed}" for seed in range(args.seeds)]
