@@ -208,7 +208,7 @@ def main() -> None:
     parser.add_argument("--claims-only", action="store_true",
                         help="only claims.json / claims.md, from seeds already evaluated")
     parser.add_argument("overrides", nargs="*", help="hydra overrides of every seed")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # hydra overrides may follow the options
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     root = args.root.resolve()
     cfg = load_config("simulate", _seed_overrides(0, args.overrides, args.experiment))

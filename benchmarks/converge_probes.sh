@@ -13,13 +13,12 @@ P=$root/probes
 common=(model=tiny data.patch_size=32 train.batch_size=8 train.steps=1000 train.val_every=100
         train.val_max_studies=1 train.checkpoint_every=0
         'data.held_out_levels=[{site: site_a, levels: [0.05]}]')
-names=(default min_snr5 v_pred x0_plain focus)
+names=(default min_snr5 v_pred x0_plain)
 declare -A variants=(
   [default]=""
   [min_snr5]="diffusion.min_snr_gamma=5.0"
   [v_pred]="diffusion.prediction_type=v_prediction model.residual=false"
   [x0_plain]="model.residual=false"
-  [focus]="diffusion.focus_fraction=0.5"
 )
 probe_site() {
   local site=$1 name out start models=()
