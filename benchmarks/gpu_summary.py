@@ -23,7 +23,11 @@ def section(report: Path, title: str) -> str | None:
         return None
     found = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", report.read_text(),
                       re.MULTILINE | re.DOTALL)
-    return found.group(1).strip() if found else None
+    if not found:
+        return None
+    # The report's figures stay in its folder: gpu.md keeps the text and tables.
+    return "\n".join(line for line in found.group(1).strip().splitlines()
+                     if not line.startswith("!["))
 
 
 def _device_name(device: str) -> str:
