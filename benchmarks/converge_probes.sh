@@ -50,11 +50,13 @@ from fed_ndif.evaluation.compare import read_rows
 from fed_ndif.evaluation.statistics import holm, paired_difference
 
 probes = Path(sys.argv[1])
-rows = [r for site in ("site_a", "site_b") for r in read_rows(probes / f"eval_{site}" / "metrics.csv")]
+rows = [r for site in ("site_a", "site_b")
+        for r in read_rows(probes / f"eval_{site}" / "metrics.csv")]
 better = {"psnr": True, "abs_suvpeak_ideal_bias_pct_ge10": False,
           "abs_suvmean_ideal_bias_pct_ge10": False, "nps_power_liver": False}
 found = holm([paired_difference(rows, variant, "default", metric, higher_is_better=higher)
-              for variant in ("min_snr5", "v_pred", "x0_plain") for metric, higher in better.items()],
+              for variant in ("min_snr5", "v_pred", "x0_plain")
+              for metric, higher in better.items()],
              higher_is_better=better)
 print("| variant − default | metric | difference | 95 % CI | Holm p | verdict | subjects |")
 print("|---|---|---|---|---|---|---|")
