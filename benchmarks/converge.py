@@ -190,9 +190,14 @@ def write_claims(root: Path, cfg, *, seeds: int, samples: int) -> str:
     (root / "claims.json").write_text(json.dumps(clean, indent=1))
     lines = ["| claim | metric | difference | 95 % CI | Holm p | verdict | subjects × seeds |",
              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {c['claim']} | {c['metric']} | {c['mean']:+.2f} | [{c['low']:+.2f}, "
-              f"{c['high']:+.2f}] | {c['p_holm']:.3f} | {c['verdict']} | {c['subjects']} × "
-              f"{c['seeds']} |" for c in claims]
+
+    def shown(value, spec: str) -> str:  # no interval or p-value where there were too few
+        return "–" if value is None else format(value, spec)
+
+    lines += [f"| {c['claim']} | {c['metric']} | {shown(c['mean'], '+.2f')} | "
+              f"[{shown(c['low'], '+.2f')}, {shown(c['high'], '+.2f')}] | "
+              f"{shown(c['p_holm'], '.3f')} | {c['verdict']} | {c['subjects']} × {c['seeds']} |"
+              for c in clean]
     (root / "claims.md").write_text("\n".join(lines) + "\n")
     return "\n".join(lines)
 

@@ -36,20 +36,6 @@ def _device_name(device: str) -> str:
     return "cpu"
 
 
-def _claims_table(claims: list[dict]) -> list[str]:
-    def number(value) -> str:
-        return "–" if value is None else f"{value:+.2f}"
-
-    lines = ["| claim | metric | difference | 95 % CI | Holm p | verdict | subjects × seeds |",
-             "|---|---|---|---|---|---|---|"]
-    for c in claims:
-        p = "–" if c["p_holm"] is None else f"{c['p_holm']:.3f}"
-        lines.append(f"| {c['claim']} | {c['metric']} | {number(c['mean'])} | "
-                     f"[{number(c['low'])}, {number(c['high'])}] | {p} | {c['verdict']} | "
-                     f"{c['subjects']} × {c['seeds']} |")
-    return lines
-
-
 def _speed_lines(speed: dict) -> list[str]:
     lines = []
     for row in speed.get("train_throughput", []):
@@ -69,6 +55,8 @@ def summarize(work: Path, out: Path, *, device: str, experiment: str, seeds: int
     claims_root = work / "claims"
     claims_file = claims_root / "claims.json"
     claims = json.loads(claims_file.read_text()) if claims_file.is_file() else None
+    # converge.py writes the table beside the JSON; gpu.md takes it as it is.
+    claims_table = claims_root / "claims.md"
     plateau = {f"s{k}": section(claims_root / f"s{k}" / "report.md", "Training curves")
                for k in range(seeds)}
     detectability = section(claims_root / "joined" / "report.md",
@@ -83,8 +71,8 @@ def summarize(work: Path, out: Path, *, device: str, experiment: str, seeds: int
     lines = [f"# benchmarks/gpu.sh on {summary['device']} (torch {torch.__version__})", "",
              f"experiment={experiment}, {seeds} seeds; claims {claims_seconds} s, "
              f"all {total_seconds} s.", "", "## The method's claims", ""]
-    lines += _claims_table(claims) if claims else ["missing: the claims did not finish "
-                                                   "(gpu.log, runs.tgz)"]
+    lines += ([claims_table.read_text().rstrip()] if claims and claims_table.is_file()
+              else ["missing: the claims did not finish (gpu.log, runs.tgz)"])
     for seed, table in plateau.items():
         lines += ["", f"## Training curves, seed {seed[1:]}", "", table or "missing"]
     lines += ["", "## Detectability (all seeds)", "", detectability or "missing",
